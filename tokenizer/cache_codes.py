@@ -1,0 +1,554 @@
+"""Stage-one cache: tokenize an image dataset into HF `datasets` Parquet shards of sub-token indices.
+
+    python -m tokenizer.cache_codes --tokenizer runs/tok/final --data fashion-mnist --split train --out shards/fm-train
+    accelerate launch --num_processes 8 -m tokenizer.cache_codes --tokenizer T --data /imagenet/train --out shards/in1k \
+        --views ten-crop
+
+Output (--out):
+  meta.json                       tokenizer config + sha256 of its weights, G, K, grid, views, image size, class names,
+                                  source, shard list, counts (written / skipped as unreadable), complete flag
+  data/codes-00000-of-00313.parquet ...
+      codes  Array4D (V, h, w, G) in the smallest integer type holding K (uint8 / int16 / int32)
+      label  ClassLabel(names=class names)
+      index  int64, position of the source image in the dataset
+
+Views: "flip" (default, V=2): centre crop + its horizontal flip. "ten-crop" (V=20): LlamaGen's TenCrop (4 corners +
+centre, then the same five of the flipped image) of the centre crop at int(size*1.1), then again at int(size*1.05).
+
+Shard k holds the images [k*S, (k+1)*S) (S = --shard-size) and is written by rank k % world_size, so the shards do
+not depend on the number of processes. Each shard is written atomically (temp name, then rename); a rerun skips the
+shards that exist, so a killed run resumes with nothing lost or duplicated, even with another number of processes.
+The last rank to finish writes the final meta.json (complete: true). Unreadable images are skipped and counted.
+The output directory must be on a filesystem that all ranks share.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import gzip
+import hashlib
+import io
+import json
+import os
+import signal
+import sys
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+META_NAME = "meta.json"
+FORMAT_NAME = "mgvq-codes"
+FORMAT_VERSION = 1
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".jpe")
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package `dataset-fashion-mnist`
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot"]
+TEN_CROP_RANGES = (1.1, 1.05)
+_STOP_ENV = "MGVQ_CACHE_KILL_AFTER_SHARDS"  # test hook: SIGKILL this process after writing that many shards
+
+
+# ---- small helpers ---------------------------------------------------------------------------------------------------
+def code_dtype(codebook_size: int) -> str:
+    """Smallest integer type holding indices in [0, K)."""
+    if codebook_size <= 256:
+        return "uint8"
+    if codebook_size <= 2 ** 15:
+        return "int16"
+    if codebook_size <= 2 ** 31:
+        return "int32"
+    raise ValueError(f"codebook_size={codebook_size} does not fit in int32")
+
+
+def sha256_file(path: str, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_json_atomic(path: str, obj: dict) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
+    """ADM / LlamaGen centre crop: BOX-halve while >= 2x the target, bicubic resize of the short side, centre crop."""
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    crop_y = (arr.shape[0] - image_size) // 2
+    crop_x = (arr.shape[1] - image_size) // 2
+    return Image.fromarray(arr[crop_y: crop_y + image_size, crop_x: crop_x + image_size])
+
+
+# ---- views -----------------------------------------------------------------------------------------------------------
+VIEW_MODES = ("flip", "ten-crop")
+
+
+def view_names(mode: str) -> list[str]:
+    if mode == "flip":
+        return ["center", "center_flip"]
+    if mode == "ten-crop":
+        five = ["top_left", "top_right", "bottom_left", "bottom_right", "center"]
+        return [f"{p}{s}@{r}" for r in TEN_CROP_RANGES for s in ("", "_flip") for p in five]
+    raise ValueError(f"views={mode!r}: valid: {', '.join(VIEW_MODES)}")
+
+
+def _five_crop(a: np.ndarray, s: int) -> list[np.ndarray]:
+    """torchvision five_crop order on an (H, W, C) array: tl, tr, bl, br, centre."""
+    h, w = a.shape[:2]
+    top, left = int(round((h - s) / 2.0)), int(round((w - s) / 2.0))  # torchvision center_crop rounding
+    return [a[:s, :s], a[:s, w - s:], a[h - s:, :s], a[h - s:, w - s:], a[top:top + s, left:left + s]]
+
+
+def make_views(img: Image.Image, image_size: int, mode: str) -> np.ndarray:
+    """RGB PIL image -> (V, 3, S, S) uint8 array of the augmented views."""
+    if mode == "flip":
+        a = np.asarray(center_crop_arr(img, image_size))
+        views = [a, a[:, ::-1]]
+    elif mode == "ten-crop":
+        views = []
+        for r in TEN_CROP_RANGES:
+            a = np.asarray(center_crop_arr(img, int(image_size * r)))
+            views += _five_crop(a, image_size) + _five_crop(a[:, ::-1], image_size)
+    else:
+        raise ValueError(f"views={mode!r}: valid: {', '.join(VIEW_MODES)}")
+    return np.ascontiguousarray(np.stack(views).transpose(0, 3, 1, 2))
+
+
+def to_model_input(views_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1] (LlamaGen Normalize(0.5, 0.5))."""
+    return views_uint8.float().div_(127.5).sub_(1.0)
+
+
+# ---- image sources ---------------------------------------------------------------------------------------------------
+class ImageSource:
+    """Random access to (PIL RGB image, label) by index; `load` raises on unreadable images."""
+
+    class_names: list[str]
+    description: dict
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def load(self, i: int) -> tuple[Image.Image, int]:
+        raise NotImplementedError
+
+
+def _open_rgb(data) -> Image.Image:
+    img = Image.open(data if isinstance(data, str) else io.BytesIO(data))
+    img.load()  # force the full decode here so truncated files raise now
+    return img.convert("RGB")
+
+
+class FolderSource(ImageSource):
+    """ImageNet layout (also a `datasets` imagefolder dir): root/<class>/<image>, classes and files sorted."""
+
+    def __init__(self, root: str):
+        classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+        if not classes:
+            raise ValueError(f"--data {root!r}: no class sub-folders (expected root/<class_name>/<image files>)")
+        self.files: list[str] = []
+        self.labels: list[int] = []
+        for c, name in enumerate(classes):
+            for dirpath, dirnames, filenames in os.walk(os.path.join(root, name)):
+                dirnames.sort()
+                for fn in sorted(filenames):
+                    if fn.lower().endswith(IMAGE_EXTS):
+                        self.files.append(os.path.join(dirpath, fn))
+                        self.labels.append(c)
+        if not self.files:
+            raise ValueError(f"--data {root!r}: {len(classes)} class folders but no image files ({IMAGE_EXTS})")
+        self.class_names = classes
+        self.description = {"kind": "folder", "path": os.path.abspath(root)}
+
+    def __len__(self):
+        return len(self.files)
+
+    def load(self, i):
+        return _open_rgb(self.files[i]), self.labels[i]
+
+
+class HFSource(ImageSource):
+    """A `datasets` Dataset (saved with save_to_disk, or Parquet) with one Image column and a label column."""
+
+    def __init__(self, ds, description: dict, label_column: str | None = None):
+        import datasets
+
+        image_cols = [k for k, f in ds.features.items() if isinstance(f, datasets.Image)]
+        if len(image_cols) != 1:
+            raise ValueError(f"--data {description['path']!r}: expected exactly one Image column, found "
+                             f"{image_cols} in features {list(ds.features)}")
+        label_col = label_column or next((c for c in ("label", "labels", "class", "y") if c in ds.features), None)
+        if label_col is None or label_col not in ds.features:
+            raise ValueError(f"--data {description['path']!r}: no label column (tried 'label', 'labels', 'class', "
+                             f"'y'; have {list(ds.features)}); pass --label-column")
+        feat = ds.features[label_col]
+        self.labels = np.asarray(ds[label_col], dtype=np.int64)
+        if isinstance(feat, datasets.ClassLabel):
+            self.class_names = list(feat.names)
+        else:
+            self.class_names = [str(i) for i in range(int(self.labels.max()) + 1 if len(self.labels) else 0)]
+        self.image_col = image_cols[0]
+        # decode ourselves, so one bad image raises in `load` (and is skipped) instead of inside `datasets`
+        self.ds = ds.select_columns([self.image_col]).cast_column(self.image_col, datasets.Image(decode=False))
+        self.description = {**description, "image_column": self.image_col, "label_column": label_col}
+
+    def __len__(self):
+        return len(self.labels)
+
+    def load(self, i):
+        rec = self.ds[int(i)][self.image_col]
+        data = rec.get("bytes") or rec.get("path")
+        if data is None:
+            raise ValueError(f"row {i}: image has neither bytes nor path")
+        return _open_rgb(data), int(self.labels[i])
+
+
+class ArraySource(ImageSource):
+    """In-memory uint8 images (N, H, W) or (N, H, W, 3) with labels (Fashion-MNIST)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, class_names: list[str], description: dict):
+        self.images, self.labels, self.class_names, self.description = images, labels, class_names, description
+
+    def __len__(self):
+        return len(self.labels)
+
+    def load(self, i):
+        return Image.fromarray(self.images[i]).convert("RGB"), int(self.labels[i])
+
+
+def fashion_mnist_source(split: str) -> ArraySource:
+    if split not in ("train", "test"):
+        raise ValueError(f"--split {split!r}: Fashion-MNIST has 'train' and 'test'")
+    stem = "train" if split == "train" else "t10k"
+    ip = os.path.join(FASHION_MNIST_DIR, f"{stem}-images-idx3-ubyte.gz")
+    lp = os.path.join(FASHION_MNIST_DIR, f"{stem}-labels-idx1-ubyte.gz")
+    if not (os.path.isfile(ip) and os.path.isfile(lp)):
+        raise FileNotFoundError(f"Fashion-MNIST not found at {FASHION_MNIST_DIR} "
+                                "(install it with `apt-get install dataset-fashion-mnist`)")
+    with gzip.open(ip) as f:
+        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
+    with gzip.open(lp) as f:
+        labels = np.frombuffer(f.read(), np.uint8, offset=8).astype(np.int64)
+    return ArraySource(images, labels, list(FASHION_MNIST_CLASSES),
+                       {"kind": "fashion-mnist", "path": FASHION_MNIST_DIR, "split": split})
+
+
+def open_source(data: str, split: str = "train", label_column: str | None = None) -> ImageSource:
+    """--data: "fashion-mnist", an ImageNet-layout folder, a save_to_disk dir, or Parquet file(s) / a folder of them."""
+    if data == "fashion-mnist":
+        return fashion_mnist_source(split)
+    if not os.path.exists(data) and not glob.glob(data):
+        raise FileNotFoundError(f"--data {data!r} does not exist (valid: 'fashion-mnist', an image folder, a "
+                                "datasets save_to_disk dir, or Parquet files)")
+    import datasets
+
+    if os.path.isdir(data):
+        if os.path.isfile(os.path.join(data, "dataset_dict.json")):
+            dd = datasets.load_from_disk(data)
+            if split not in dd:
+                raise ValueError(f"--split {split!r} not in the saved DatasetDict {data!r} (has {list(dd)})")
+            return HFSource(dd[split], {"kind": "saved-dataset", "path": os.path.abspath(data), "split": split},
+                            label_column)
+        if os.path.isfile(os.path.join(data, "state.json")):
+            return HFSource(datasets.load_from_disk(data), {"kind": "saved-dataset", "path": os.path.abspath(data)},
+                            label_column)
+        parquet = sorted(glob.glob(os.path.join(data, "**", "*.parquet"), recursive=True))
+        if split and any(f"{split}-" in os.path.basename(p) or f"/{split}/" in p for p in parquet):
+            parquet = [p for p in parquet if f"{split}-" in os.path.basename(p) or f"/{split}/" in p]
+        if parquet:
+            return _parquet_source(parquet, data, label_column)
+        if split and os.path.isdir(os.path.join(data, split)):  # imagefolder dir with train/ val/ splits
+            return FolderSource(os.path.join(data, split))
+        return FolderSource(data)
+    files = sorted(glob.glob(data))
+    if not all(f.endswith(".parquet") for f in files):
+        raise ValueError(f"--data {data!r}: files must be .parquet (got {files[:3]})")
+    return _parquet_source(files, data, label_column)
+
+
+def _parquet_source(files: list[str], data: str, label_column: str | None) -> HFSource:
+    import datasets
+
+    ds = datasets.Dataset.from_parquet(files)
+    return HFSource(ds, {"kind": "parquet", "path": os.path.abspath(data), "files": len(files)}, label_column)
+
+
+class _ViewsDataset(Dataset):
+    """index -> (views uint8 (V, 3, S, S) or None if unreadable, label, index)."""
+
+    def __init__(self, source: ImageSource, image_size: int, mode: str):
+        self.source, self.image_size, self.mode = source, image_size, mode
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        try:
+            img, label = self.source.load(i)
+            return torch.from_numpy(make_views(img, self.image_size, self.mode)), label, i
+        except Exception as e:  # noqa: BLE001 - any decode failure means "skip and count"
+            return None, repr(e)[:200], i
+
+
+def _collate(items):
+    good = [it for it in items if it[0] is not None]
+    bad = [(it[2], it[1]) for it in items if it[0] is None]
+    if good:
+        views = torch.stack([it[0] for it in good])
+        labels = torch.tensor([it[1] for it in good], dtype=torch.int64)
+        index = torch.tensor([it[2] for it in good], dtype=torch.int64)
+    else:
+        views, labels, index = None, torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+    return views, labels, index, bad
+
+
+# ---- shards ----------------------------------------------------------------------------------------------------------
+def shard_name(k: int, n: int) -> str:
+    return f"data/codes-{k:05d}-of-{n:05d}.parquet"
+
+
+def shard_features(num_views: int, grid: tuple[int, int], groups: int, dtype: str, class_names: list[str]):
+    import datasets
+
+    return datasets.Features({
+        "codes": datasets.Array4D(shape=(num_views, grid[0], grid[1], groups), dtype=dtype),
+        "label": datasets.ClassLabel(names=list(class_names)),
+        "index": datasets.Value("int64"),
+    })
+
+
+def write_shard(path: str, codes: np.ndarray, labels: np.ndarray, index: np.ndarray, features) -> None:
+    """Write one shard atomically: a temp file in the same folder, then rename (a partial file is never visible)."""
+    import datasets
+    import pyarrow.parquet as pq
+
+    ds = datasets.Dataset.from_dict({"codes": codes, "label": labels, "index": index}, features=features)
+    tmp = os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
+    pq.write_table(ds.data.table, tmp)  # the table carries the HF features in its schema metadata
+    os.replace(tmp, path)
+
+
+def _fixed_meta(args, tok, tok_sha, source, grid) -> dict:
+    cfg = tok.config
+    n = len(source) if args.limit is None else min(args.limit, len(source))
+    return {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "tokenizer": {"path": os.path.abspath(args.tokenizer), "weights_sha256": tok_sha, "config": cfg.to_dict()},
+        "groups": int(cfg.groups),
+        "codebook_size": int(cfg.codebook_size),
+        "grid": list(grid),
+        "dtype": code_dtype(cfg.codebook_size),
+        "image_size": int(args.image_size),
+        "views": {"mode": args.views, "count": len(view_names(args.views)), "names": view_names(args.views),
+                  **({"crop_ranges": list(TEN_CROP_RANGES)} if args.views == "ten-crop" else {})},
+        "precision": args.precision,
+        "class_names": list(source.class_names),
+        "num_classes": len(source.class_names),
+        "source": {**source.description, "num_images": n},
+        "shard_size": int(args.shard_size),
+        "num_shards": (n + args.shard_size - 1) // args.shard_size,
+    }
+
+
+_CHECKED = ("format", "version", "groups", "codebook_size", "grid", "dtype", "image_size", "views", "precision",
+            "class_names", "source", "shard_size", "num_shards")
+
+
+def check_existing_meta(out: str, fixed: dict) -> None:
+    """Refuse to add to a shard directory written by another tokenizer or with other settings."""
+    path = os.path.join(out, META_NAME)
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        old = json.load(f)
+    old_sha = old.get("tokenizer", {}).get("weights_sha256")
+    new_sha = fixed["tokenizer"]["weights_sha256"]
+    if old_sha != new_sha:
+        raise ValueError(f"{out!r} holds codes of another tokenizer: meta.json weights_sha256={old_sha} "
+                         f"({old.get('tokenizer', {}).get('path')}) but --tokenizer {fixed['tokenizer']['path']} "
+                         f"has sha256={new_sha}; use a new --out (or delete {out!r})")
+    for key in _CHECKED:
+        if old.get(key) != fixed[key]:
+            raise ValueError(f"{out!r} was written with {key}={old.get(key)!r} but this run has {key}="
+                             f"{fixed[key]!r}; rerun with the same settings to resume, or use a new --out")
+
+
+def finalize(out: str, fixed: dict) -> dict | None:
+    """If every shard exists, count rows / skipped images and write meta.json with complete=true."""
+    import pyarrow.parquet as pq
+
+    n_shards, n_images = fixed["num_shards"], fixed["source"]["num_images"]
+    names = [shard_name(k, n_shards) for k in range(n_shards)]
+    if not all(os.path.isfile(os.path.join(out, s)) for s in names):
+        return None
+    seen = np.zeros(n_images, dtype=bool)
+    written = 0
+    for s in names:
+        idx = pq.read_table(os.path.join(out, s), columns=["index"]).column("index").to_numpy()
+        if len(idx) and (seen[idx].any() or len(np.unique(idx)) != len(idx)):
+            raise RuntimeError(f"{s}: duplicate image indices across shards (corrupt shard directory {out!r})")
+        seen[idx] = True
+        written += len(idx)
+    skipped = np.flatnonzero(~seen)
+    meta = {**fixed, "shards": names,
+            "counts": {"images": n_images, "written": written, "skipped": int(len(skipped)),
+                       "skipped_indices": skipped[:10000].tolist()},
+            "complete": True}
+    _write_json_atomic(os.path.join(out, META_NAME), meta)
+    return meta
+
+
+# ---- main ------------------------------------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mgvq cache-codes",
+        description="Tokenize an image dataset into HF `datasets` Parquet shards of MGVQ sub-token indices "
+                    "(stage-one cache for generator training). Resumable; runs under accelerate / torchrun.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  mgvq cache-codes --tokenizer runs/tok/final --data fashion-mnist --split train --out shards/fm\n"
+               "  accelerate launch --num_processes 8 -m tokenizer.cache_codes --tokenizer runs/tok/final \\\n"
+               "      --data /data/imagenet/train --out shards/in1k-256 --views ten-crop --batch-size 64\n"
+               "A killed run resumes when started again with the same arguments.")
+    p.add_argument("--tokenizer", required=True, help="MGVQTokenizer.save_pretrained folder")
+    p.add_argument("--data", required=True, help="'fashion-mnist', an ImageNet-layout folder (root/<class>/<img>), "
+                                                 "a datasets save_to_disk dir, or Parquet file(s) / a folder of them")
+    p.add_argument("--split", default="train", help="split for fashion-mnist / DatasetDicts / split sub-folders")
+    p.add_argument("--label-column", default=None, help="label column of a datasets source (default: 'label')")
+    p.add_argument("--out", required=True, help="output folder (meta.json + data/*.parquet)")
+    p.add_argument("--views", default="flip", choices=VIEW_MODES,
+                   help="flip: centre crop + h-flip (V=2); ten-crop: LlamaGen ten-crop at 1.1 and 1.05 (V=20)")
+    p.add_argument("--image-size", type=int, default=None, help="crop size (default: the tokenizer's image_size)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per encode batch per process")
+    p.add_argument("--shard-size", type=int, default=4096, help="images per shard")
+    p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per process for decoding")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="encode precision (bf16: CUDA)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N images (quick runs)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    for name in ("batch_size", "shard_size"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
+    if args.num_workers < 0:
+        raise SystemExit(f"--num-workers={args.num_workers}: must be >= 0")
+    if args.limit is not None and args.limit < 1:
+        raise SystemExit(f"--limit={args.limit}: must be >= 1")
+
+    from datetime import timedelta
+
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+    from tqdm import tqdm
+
+    from tokenizer.model import MGVQTokenizer
+
+    # launched distributed on CPU: gloo (accelerate has no CPU default); single process: no process group at all
+    # (accelerate 1.15 tries to use one when given the kwargs). Ranks never wait on each other; the timeout is loose.
+    handlers = []
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        handlers = [InitProcessGroupKwargs(backend=None if torch.cuda.is_available() else "gloo",
+                                           timeout=timedelta(hours=6))]
+    acc = Accelerator(kwargs_handlers=handlers)
+    rank, world = acc.process_index, acc.num_processes
+
+    weights = os.path.join(args.tokenizer, "model.safetensors")
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"--tokenizer {args.tokenizer!r}: no model.safetensors (expected a "
+                                "MGVQTokenizer.save_pretrained folder)")
+    tok_sha = sha256_file(weights)
+    tok = MGVQTokenizer.from_pretrained(args.tokenizer, device=acc.device).eval()
+    cfg = tok.config
+    args.image_size = args.image_size or cfg.image_size
+    f = cfg.downsample
+    if args.image_size % f:
+        raise SystemExit(f"--image-size={args.image_size}: must be a multiple of the tokenizer's downsample {f}")
+    grid = (args.image_size // f, args.image_size // f)
+    if args.precision == "bf16" and acc.device.type != "cuda":
+        raise SystemExit("--precision bf16 needs a CUDA device; use fp32 on CPU")
+
+    source = open_source(args.data, args.split, args.label_column)
+    fixed = _fixed_meta(args, tok, tok_sha, source, grid)
+    out = args.out
+    os.makedirs(os.path.join(out, "data"), exist_ok=True)
+    check_existing_meta(out, fixed)
+    if not os.path.isfile(os.path.join(out, META_NAME)):  # every rank may write it: the content is identical
+        _write_json_atomic(os.path.join(out, META_NAME), {**fixed, "complete": False})
+    n, S, n_shards, V = fixed["source"]["num_images"], args.shard_size, fixed["num_shards"], fixed["views"]["count"]
+    mine = [k for k in range(rank, n_shards, world)]
+    for k in mine:  # partial files of a killed run (only this rank writes these shards, so none is in use)
+        for stale in glob.glob(os.path.join(out, "data", f".tmp-*-{os.path.basename(shard_name(k, n_shards))}")):
+            os.remove(stale)
+    todo = [k for k in mine if not os.path.isfile(os.path.join(out, shard_name(k, n_shards)))]
+    batches = [list(range(s, min(s + args.batch_size, (k + 1) * S, n)))
+               for k in todo for s in range(k * S, min((k + 1) * S, n), args.batch_size)]
+    features = shard_features(V, grid, cfg.groups, fixed["dtype"], source.class_names)
+    np_dtype = np.dtype(fixed["dtype"])
+    loader = DataLoader(_ViewsDataset(source, args.image_size, args.views), batch_sampler=batches,
+                        num_workers=args.num_workers, collate_fn=_collate, pin_memory=acc.device.type == "cuda",
+                        persistent_workers=False)
+    kill_after = int(os.environ.get(_STOP_ENV, "0") or 0)
+    todo_images = sum(len(b) for b in batches)
+    if acc.is_main_process:
+        print(f"cache-codes: {n} images -> {n_shards} shards of {S} in {out!r}; rank {rank}/{world}: "
+              f"{len(todo)}/{len(mine)} shards to write ({len(mine) - len(todo)} already done); V={V}, "
+              f"G={cfg.groups}, K={cfg.codebook_size}, grid={grid}, codes {fixed['dtype']}", file=sys.stderr)
+    bar = tqdm(total=todo_images, unit="img", disable=not acc.is_local_main_process, smoothing=0.05,
+               desc=f"rank {rank} encoding", dynamic_ncols=True)
+    acc_codes, acc_labels, acc_index, acc_bad = [], [], [], 0
+    cur, remaining, n_written = None, 0, 0
+    torch_dtype = {"uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32}[fixed["dtype"]]
+    for views, labels, index, bad in loader:
+        nb = len(index) + len(bad)
+        k = (int(index[0]) if len(index) else bad[0][0]) // S
+        if cur is None:
+            cur, remaining = k, min((k + 1) * S, n) - k * S
+        assert k == cur, f"batch of shard {k} while shard {cur} is open"
+        if views is not None:
+            x = to_model_input(views.to(acc.device, non_blocking=True).flatten(0, 1))
+            with torch.autocast("cuda", dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext():
+                idx = tok.encode(x)
+            acc_codes.append(idx.view(len(index), V, *idx.shape[1:]).to("cpu", torch_dtype).numpy())
+            acc_labels.append(labels.numpy())
+            acc_index.append(index.numpy())
+        for i, why in bad:
+            tqdm.write(f"rank {rank}: skipping unreadable image {i}: {why}", file=sys.stderr)
+        acc_bad += len(bad)
+        remaining -= nb
+        bar.update(nb)
+        if remaining == 0:
+            codes = np.concatenate(acc_codes) if acc_codes else np.zeros((0, V, *grid, cfg.groups), np_dtype)
+            write_shard(os.path.join(out, shard_name(cur, n_shards)), codes,
+                        np.concatenate(acc_labels) if acc_labels else np.zeros(0, np.int64),
+                        np.concatenate(acc_index) if acc_index else np.zeros(0, np.int64), features)
+            n_written += 1
+            acc_codes, acc_labels, acc_index, cur = [], [], [], None
+            if kill_after and n_written >= kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+    bar.close()
+    meta = finalize(out, fixed)
+    if meta is not None:
+        c = meta["counts"]
+        print(f"cache-codes: complete: {c['written']} images written, {c['skipped']} skipped as unreadable "
+              f"({n_shards} shards in {out!r})", file=sys.stderr)
+    else:
+        print(f"cache-codes: rank {rank} done ({n_written} shards, {acc_bad} unreadable); other ranks still writing",
+              file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
