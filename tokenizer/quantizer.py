@@ -6,7 +6,7 @@ the released MGVQ stores them, so its `quantize.embedding.weight` loads unchange
 
 - l2_norm=True: latents and codes are L2-normalised, the nearest code is the max cosine similarity (one batched matmul).
 - Straight-through estimator; per-group vq_loss = mean((z_q - sg z)^2), commit = beta * mean((sg z_q - z)^2).
-- Usage: `codebook_used (G, window)` sliding window of the last used indices (-1 = empty) -> per-group usage fraction;
+- Usage: `codebook_used (G, window)` ring buffer of the last used indices (-1 = empty) -> per-group usage fraction;
   `embed_prob (G, K)` EMA of code usage; per-group perplexity of the batch.
 - Optional CVQ-style dead-code anchor re-init (every training step, as the released code): rarely used codes are pulled
   to batch features sampled near them. Under torch.distributed it all-reduces the usage counts and draws from the union
@@ -86,6 +86,7 @@ class MultiGroupQuantizer(nn.Module):
             self.embedding.weight.data = F.normalize(self.embedding.weight.data, dim=-1)
         self.register_buffer("embed_prob", torch.zeros(groups, codebook_size))  # EMA of usage
         self.register_buffer("codebook_used", torch.full((groups, usage_window), -1, dtype=torch.long))
+        self.register_buffer("_window_pos", torch.zeros(groups, dtype=torch.long), persistent=False)  # ring position
 
     # ---- helpers -------------------------------------------------------------------------------------------------
     def codebook(self) -> torch.Tensor:
@@ -145,8 +146,12 @@ class MultiGroupQuantizer(nn.Module):
     def sample_keep_groups(self) -> int:
         if self.keep_probs is None or self.groups == 1:
             return self.groups
-        probs = torch.tensor(self.keep_probs)
-        return int(torch.multinomial(probs, 1)) + 1
+        u, cdf = torch.rand(()).item(), 0.0  # one draw per batch (torch RNG, so seeds reproduce it)
+        for k, p in enumerate(self.keep_probs, start=1):
+            cdf += p
+            if u < cdf:
+                return k
+        return self.groups
 
     def usage(self) -> torch.Tensor:
         """(G,) fraction of each sub-codebook seen in this process's sliding window."""
@@ -209,19 +214,19 @@ class MultiGroupQuantizer(nn.Module):
 
     def _used_mask(self) -> torch.Tensor:
         """(G, K) bool: code seen in the sliding window."""
-        used = self.codebook_used
-        flat = (used + torch.arange(self.groups, device=used.device)[:, None] * self.codebook_size)[used >= 0]
-        return (torch.bincount(flat, minlength=self.groups * self.codebook_size) > 0).view(self.groups, -1)
+        hits = torch.zeros(self.groups, self.codebook_size + 1, device=self.codebook_used.device)
+        hits.scatter_(1, self.codebook_used + 1, 1.0)  # column 0 collects the empty (-1) slots
+        return hits[:, 1:] > 0
 
     def _push_used(self, idx: torch.Tensor) -> None:
-        """Shift this batch's indices (k, N) into the sliding window of the first k groups."""
+        """Write this batch's indices (k, N) into the first k groups' sliding windows (ring buffers)."""
         k, n = idx.shape
         window = self.codebook_used.shape[1]
-        n = min(n, window)
-        buf = self.codebook_used[:k]
-        if n < window:
-            buf[:, :-n] = buf[:, n:].clone()
-        buf[:, window - n:] = idx[:, -n:]
+        if n > window:
+            idx, n = idx[:, -window:], window
+        cols = (self._window_pos[:k, None] + torch.arange(n, device=idx.device)) % window  # (k, n)
+        self.codebook_used[:k].scatter_(1, cols, idx)
+        self._window_pos[:k] = (self._window_pos[:k] + n) % window
 
     def _reinit(self, zg: torch.Tensor, scores: torch.Tensor, avg_probs: torch.Tensor, distributed: bool) -> None:
         """CVQ-style anchor re-init of the first k groups (reference A.1), consistent across ranks.
