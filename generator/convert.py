@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--codebook", help="safetensors file with the raw tokenizer codebook (mgvq-gpt)")
     p.add_argument("--tokenizer", help="tokenizer folder (model.safetensors + config.json) (mgvq-gpt)")
     p.add_argument("overrides", nargs="*", help="GPTConfig overrides key=value, e.g. grid=24")
-    args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
+    args = p.parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
     overrides = {}
     for kv in args.overrides:
         if "=" not in kv:
