@@ -539,14 +539,13 @@ def main(argv: list[str] | None = None) -> int:
             if kill_after and n_written >= kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
-    meta = finalize(out, fixed)
+    print(f"cache-codes: rank {rank}/{world} wrote shards {[k for k in todo]} ({acc_bad} unreadable images skipped)",
+          file=sys.stderr)
+    meta = finalize(out, fixed)  # the last rank to finish sees every shard and writes the final meta.json
     if meta is not None:
         c = meta["counts"]
         print(f"cache-codes: complete: {c['written']} images written, {c['skipped']} skipped as unreadable "
               f"({n_shards} shards in {out!r})", file=sys.stderr)
-    else:
-        print(f"cache-codes: rank {rank} done ({n_written} shards, {acc_bad} unreadable); other ranks still writing",
-              file=sys.stderr)
     return 0
 
 
