@@ -217,14 +217,15 @@ def _ddp_worker(rank, world, port, path):
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.manual_seed(0)  # same init on every rank
-    q = MultiGroupQuantizer(8, 2, 32, dead_code_reinit=True).train()
+    q = MultiGroupQuantizer(8, 2, 32, dead_code_reinit=True, keep_probs=[0.5, 0.5]).train()
     torch.manual_seed(100 + rank)  # different data and RNG per rank
-    usage = []
-    for _ in range(3):
+    usage, ks = [], []
+    for _ in range(6):
         out = q(torch.randn(2, 8, 4, 4) + rank)
         usage.append(out.usage)
+        ks.append(out.keep_groups)
     torch.save({"weight": q.embedding.weight.detach().clone(), "embed_prob": q.embed_prob.clone(),
-                "usage": torch.stack(usage)}, os.path.join(path, f"rank{rank}.pt"))
+                "usage": torch.stack(usage), "ks": ks}, os.path.join(path, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -244,6 +245,7 @@ def test_ddp_reinit_keeps_codebooks_identical():
     assert torch.equal(r0["weight"], r1["weight"])
     assert torch.equal(r0["embed_prob"], r1["embed_prob"])
     assert torch.equal(r0["usage"], r1["usage"])
+    assert r0["ks"] == r1["ks"] and set(r0["ks"]) == {1, 2}  # one masking draw per global batch
 
 
 def test_bad_arguments_raise():

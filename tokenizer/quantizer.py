@@ -160,15 +160,23 @@ class MultiGroupQuantizer(nn.Module):
     # ---- forward -------------------------------------------------------------------------------------------------
     def forward(self, z: torch.Tensor, keep_groups: int | None = None) -> QuantizerOutput:
         """z (B, C, h, w). keep_groups: number of leading groups kept (None: sampled from keep_probs in training,
-        all groups otherwise)."""
+        all groups otherwise).
+
+        Under torch.distributed, a training forward runs collectives (usage all-reduce, re-init exchange, broadcast of
+        the sampled k), so every rank must call it in step, and an explicit keep_groups must agree across ranks."""
         with torch.autocast(z.device.type, enabled=False):  # nearest-code search and losses in fp32
             return self._forward(z.float(), keep_groups)
 
     def _forward(self, z: torch.Tensor, keep_groups: int | None) -> QuantizerOutput:
         B, _, h, w = z.shape
         G, K, D = self.groups, self.codebook_size, self.group_dim
+        distributed = self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         if keep_groups is None:
             keep_groups = self.sample_keep_groups() if self.training else G
+            if distributed and self.keep_probs is not None:  # one k for the global batch (collective shapes agree)
+                kt = torch.tensor([keep_groups], device=z.device)
+                dist.broadcast(kt, src=0)
+                keep_groups = int(kt.item())
         if not 1 <= keep_groups <= G:
             raise ValueError(f"keep_groups must be in [1, {G}], got {keep_groups}")
         k = keep_groups
@@ -194,7 +202,6 @@ class MultiGroupQuantizer(nn.Module):
         with torch.no_grad():
             counts = torch.zeros(k, K, device=z.device, dtype=torch.float32)
             counts.scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float32))  # (k, K)
-            distributed = self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
             if distributed:
                 dist.all_reduce(counts)
             p = counts / counts.sum(-1, keepdim=True).clamp_min(1)
