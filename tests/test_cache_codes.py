@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from tokenizer import MGVQTokenizer
-from tokenizer.cache_codes import center_crop_arr, code_dtype, main, make_views
+from tokenizer.cache_codes import code_dtype, main, make_views
+from tokenizer.data import center_crop_arr
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ["cat", "dog", "fish"]
@@ -103,7 +104,7 @@ def test_ten_crop_views_match_torchvision():
     img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (50, 70, 3), dtype=np.uint8))
     v = make_views(img, 32, "ten-crop")
     assert v.shape == (20, 3, 32, 32) and v.dtype == np.uint8
-    want = [np.asarray(c) for r in (1.1, 1.05) for c in TF.ten_crop(center_crop_arr(img, int(32 * r)), 32)]
+    want = [np.asarray(c) for r in (1.1, 1.05) for c in TF.ten_crop(Image.fromarray(center_crop_arr(img, int(32 * r))), 32)]
     np.testing.assert_array_equal(v, np.stack(want).transpose(0, 3, 1, 2))
     np.testing.assert_array_equal(v[5], v[1][:, :, ::-1])  # top-left of the flipped image = flipped top-right
 

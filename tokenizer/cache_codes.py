@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import glob
-import gzip
 import hashlib
-import io
 import json
 import os
 import signal
@@ -39,13 +37,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from tokenizer.data import build_dataset, center_crop_arr
+
 META_NAME = "meta.json"
 FORMAT_NAME = "mgvq-codes"
 FORMAT_VERSION = 1
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".jpe")
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package `dataset-fashion-mnist`
-FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                         "Ankle boot"]
 TEN_CROP_RANGES = (1.1, 1.05)
 _STOP_ENV = "MGVQ_CACHE_KILL_AFTER_SHARDS"  # test hook: SIGKILL this process after writing that many shards
 
@@ -77,18 +73,6 @@ def _write_json_atomic(path: str, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
-    """ADM / LlamaGen centre crop: BOX-halve while >= 2x the target, bicubic resize of the short side, centre crop."""
-    while min(*pil_image.size) >= 2 * image_size:
-        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
-    scale = image_size / min(*pil_image.size)
-    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
-    arr = np.array(pil_image)
-    crop_y = (arr.shape[0] - image_size) // 2
-    crop_x = (arr.shape[1] - image_size) // 2
-    return Image.fromarray(arr[crop_y: crop_y + image_size, crop_x: crop_x + image_size])
-
-
 # ---- views -----------------------------------------------------------------------------------------------------------
 VIEW_MODES = ("flip", "ten-crop")
 
@@ -112,12 +96,12 @@ def _five_crop(a: np.ndarray, s: int) -> list[np.ndarray]:
 def make_views(img: Image.Image, image_size: int, mode: str) -> np.ndarray:
     """RGB PIL image -> (V, 3, S, S) uint8 array of the augmented views."""
     if mode == "flip":
-        a = np.asarray(center_crop_arr(img, image_size))
+        a = center_crop_arr(img, image_size)
         views = [a, a[:, ::-1]]
     elif mode == "ten-crop":
         views = []
         for r in TEN_CROP_RANGES:
-            a = np.asarray(center_crop_arr(img, int(image_size * r)))
+            a = center_crop_arr(img, int(image_size * r))
             views += _five_crop(a, image_size) + _five_crop(a[:, ::-1], image_size)
     else:
         raise ValueError(f"views={mode!r}: valid: {', '.join(VIEW_MODES)}")
@@ -130,163 +114,34 @@ def to_model_input(views_uint8: torch.Tensor) -> torch.Tensor:
 
 
 # ---- image sources ---------------------------------------------------------------------------------------------------
-class ImageSource:
-    """Random access to (PIL RGB image, label) by index; `load` raises on unreadable images."""
-
-    class_names: list[str]
-    description: dict
-
-    def __len__(self) -> int:
-        raise NotImplementedError
-
-    def load(self, i: int) -> tuple[Image.Image, int]:
-        raise NotImplementedError
+SPLIT_DIRS = {"train", "val", "validation", "test"}
 
 
-def _open_rgb(data) -> Image.Image:
-    img = Image.open(data if isinstance(data, str) else io.BytesIO(data))
-    img.load()  # force the full decode here so truncated files raise now
-    return img.convert("RGB")
-
-
-class FolderSource(ImageSource):
-    """ImageNet layout (also a `datasets` imagefolder dir): root/<class>/<image>, classes and files sorted."""
-
-    def __init__(self, root: str):
-        classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
-        if not classes:
-            raise ValueError(f"--data {root!r}: no class sub-folders (expected root/<class_name>/<image files>)")
-        self.files: list[str] = []
-        self.labels: list[int] = []
-        for c, name in enumerate(classes):
-            for dirpath, dirnames, filenames in os.walk(os.path.join(root, name)):
-                dirnames.sort()
-                for fn in sorted(filenames):
-                    if fn.lower().endswith(IMAGE_EXTS):
-                        self.files.append(os.path.join(dirpath, fn))
-                        self.labels.append(c)
-        if not self.files:
-            raise ValueError(f"--data {root!r}: {len(classes)} class folders but no image files ({IMAGE_EXTS})")
-        self.class_names = classes
-        self.description = {"kind": "folder", "path": os.path.abspath(root)}
-
-    def __len__(self):
-        return len(self.files)
-
-    def load(self, i):
-        return _open_rgb(self.files[i]), self.labels[i]
-
-
-class HFSource(ImageSource):
-    """A `datasets` Dataset (saved with save_to_disk, or Parquet) with one Image column and a label column."""
-
-    def __init__(self, ds, description: dict, label_column: str | None = None):
-        import datasets
-
-        image_cols = [k for k, f in ds.features.items() if isinstance(f, datasets.Image)]
-        if len(image_cols) != 1:
-            raise ValueError(f"--data {description['path']!r}: expected exactly one Image column, found "
-                             f"{image_cols} in features {list(ds.features)}")
-        label_col = label_column or next((c for c in ("label", "labels", "class", "y") if c in ds.features), None)
-        if label_col is None or label_col not in ds.features:
-            raise ValueError(f"--data {description['path']!r}: no label column (tried 'label', 'labels', 'class', "
-                             f"'y'; have {list(ds.features)}); pass --label-column")
-        feat = ds.features[label_col]
-        self.labels = np.asarray(ds[label_col], dtype=np.int64)
-        if isinstance(feat, datasets.ClassLabel):
-            self.class_names = list(feat.names)
-        else:
-            self.class_names = [str(i) for i in range(int(self.labels.max()) + 1 if len(self.labels) else 0)]
-        self.image_col = image_cols[0]
-        # decode ourselves, so one bad image raises in `load` (and is skipped) instead of inside `datasets`
-        self.ds = ds.select_columns([self.image_col]).cast_column(self.image_col, datasets.Image(decode=False))
-        self.description = {**description, "image_column": self.image_col, "label_column": label_col}
-
-    def __len__(self):
-        return len(self.labels)
-
-    def load(self, i):
-        rec = self.ds[int(i)][self.image_col]
-        data = rec.get("bytes") or rec.get("path")
-        if data is None:
-            raise ValueError(f"row {i}: image has neither bytes nor path")
-        return _open_rgb(data), int(self.labels[i])
-
-
-class ArraySource(ImageSource):
-    """In-memory uint8 images (N, H, W) or (N, H, W, 3) with labels (Fashion-MNIST)."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, class_names: list[str], description: dict):
-        self.images, self.labels, self.class_names, self.description = images, labels, class_names, description
-
-    def __len__(self):
-        return len(self.labels)
-
-    def load(self, i):
-        return Image.fromarray(self.images[i]).convert("RGB"), int(self.labels[i])
-
-
-def fashion_mnist_source(split: str) -> ArraySource:
-    if split not in ("train", "test"):
-        raise ValueError(f"--split {split!r}: Fashion-MNIST has 'train' and 'test'")
-    stem = "train" if split == "train" else "t10k"
-    ip = os.path.join(FASHION_MNIST_DIR, f"{stem}-images-idx3-ubyte.gz")
-    lp = os.path.join(FASHION_MNIST_DIR, f"{stem}-labels-idx1-ubyte.gz")
-    if not (os.path.isfile(ip) and os.path.isfile(lp)):
-        raise FileNotFoundError(f"Fashion-MNIST not found at {FASHION_MNIST_DIR} "
-                                "(install it with `apt-get install dataset-fashion-mnist`)")
-    with gzip.open(ip) as f:
-        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
-    with gzip.open(lp) as f:
-        labels = np.frombuffer(f.read(), np.uint8, offset=8).astype(np.int64)
-    return ArraySource(images, labels, list(FASHION_MNIST_CLASSES),
-                       {"kind": "fashion-mnist", "path": FASHION_MNIST_DIR, "split": split})
-
-
-def open_source(data: str, split: str = "train", label_column: str | None = None) -> ImageSource:
-    """--data: "fashion-mnist", an ImageNet-layout folder, a save_to_disk dir, or Parquet file(s) / a folder of them."""
+def open_source(data: str, split: str = "train", label_column: str | None = None):
+    """--data -> a tokenizer.data RobustImageDataset (its `decode(i)` raises on unreadable images, `labels`,
+    `class_names`); its own training transform is not used here. A folder whose sub-folders are only split names
+    (train/ val/ ...) is read at <data>/<split>."""
     if data == "fashion-mnist":
-        return fashion_mnist_source(split)
-    if not os.path.exists(data) and not glob.glob(data):
+        data = f"fashion-mnist:{split}"
+    elif os.path.isdir(data):
+        subdirs = {d.name for d in os.scandir(data) if d.is_dir() and not d.name.startswith(".")}
+        if subdirs and subdirs <= SPLIT_DIRS and not glob.glob(os.path.join(data, "**", "*.parquet"), recursive=True):
+            if split not in subdirs:
+                raise ValueError(f"--data {data!r} has split folders {sorted(subdirs)}; --split {split!r} is not one")
+            data = os.path.join(data, split)
+    elif not data.startswith(("fashion-mnist", "hf:")) and not os.path.exists(data):
         raise FileNotFoundError(f"--data {data!r} does not exist (valid: 'fashion-mnist', an image folder, a "
-                                "datasets save_to_disk dir, or Parquet files)")
-    import datasets
-
-    if os.path.isdir(data):
-        if os.path.isfile(os.path.join(data, "dataset_dict.json")):
-            dd = datasets.load_from_disk(data)
-            if split not in dd:
-                raise ValueError(f"--split {split!r} not in the saved DatasetDict {data!r} (has {list(dd)})")
-            return HFSource(dd[split], {"kind": "saved-dataset", "path": os.path.abspath(data), "split": split},
-                            label_column)
-        if os.path.isfile(os.path.join(data, "state.json")):
-            return HFSource(datasets.load_from_disk(data), {"kind": "saved-dataset", "path": os.path.abspath(data)},
-                            label_column)
-        parquet = sorted(glob.glob(os.path.join(data, "**", "*.parquet"), recursive=True))
-        if split and any(f"{split}-" in os.path.basename(p) or f"/{split}/" in p for p in parquet):
-            parquet = [p for p in parquet if f"{split}-" in os.path.basename(p) or f"/{split}/" in p]
-        if parquet:
-            return _parquet_source(parquet, data, label_column)
-        if split and os.path.isdir(os.path.join(data, split)):  # imagefolder dir with train/ val/ splits
-            return FolderSource(os.path.join(data, split))
-        return FolderSource(data)
-    files = sorted(glob.glob(data))
-    if not all(f.endswith(".parquet") for f in files):
-        raise ValueError(f"--data {data!r}: files must be .parquet (got {files[:3]})")
-    return _parquet_source(files, data, label_column)
-
-
-def _parquet_source(files: list[str], data: str, label_column: str | None) -> HFSource:
-    import datasets
-
-    ds = datasets.Dataset.from_parquet(files)
-    return HFSource(ds, {"kind": "parquet", "path": os.path.abspath(data), "files": len(files)}, label_column)
+                                "datasets save_to_disk dir, Parquet file(s) / a folder of them, 'hf:<name>')")
+    src = build_dataset(data, image_size=8, train=False, split=split, label_column=label_column or "label")
+    desc = {"data": data, "path": os.path.abspath(data) if os.path.exists(data) else None, "split": split,
+            "kind": type(src).__name__}
+    return src, desc
 
 
 class _ViewsDataset(Dataset):
     """index -> (views uint8 (V, 3, S, S) or None if unreadable, label, index)."""
 
-    def __init__(self, source: ImageSource, image_size: int, mode: str):
+    def __init__(self, source, image_size: int, mode: str):
         self.source, self.image_size, self.mode = source, image_size, mode
 
     def __len__(self):
@@ -294,10 +149,10 @@ class _ViewsDataset(Dataset):
 
     def __getitem__(self, i):
         try:
-            img, label = self.source.load(i)
-            return torch.from_numpy(make_views(img, self.image_size, self.mode)), label, i
-        except Exception as e:  # noqa: BLE001 - any decode failure means "skip and count"
-            return None, repr(e)[:200], i
+            img = self.source.decode(i)
+            return torch.from_numpy(make_views(img, self.image_size, self.mode)), int(self.source.labels[i]), i
+        except Exception as e:  # noqa: BLE001 - any failure to read one image means "skip and count", never crash
+            return None, f"{self.source.describe(i)}: {e}"[:300], i
 
 
 def _collate(items):
@@ -338,7 +193,7 @@ def write_shard(path: str, codes: np.ndarray, labels: np.ndarray, index: np.ndar
     os.replace(tmp, path)
 
 
-def _fixed_meta(args, tok, tok_sha, source, grid) -> dict:
+def _fixed_meta(args, tok, tok_sha, source, source_desc, grid) -> dict:
     cfg = tok.config
     n = len(source) if args.limit is None else min(args.limit, len(source))
     return {
@@ -355,7 +210,7 @@ def _fixed_meta(args, tok, tok_sha, source, grid) -> dict:
         "precision": args.precision,
         "class_names": list(source.class_names),
         "num_classes": len(source.class_names),
-        "source": {**source.description, "num_images": n},
+        "source": {**source_desc, "num_images": n},
         "shard_size": int(args.shard_size),
         "num_shards": (n + args.shard_size - 1) // args.shard_size,
     }
@@ -480,8 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.precision == "bf16" and acc.device.type != "cuda":
         raise SystemExit("--precision bf16 needs a CUDA device; use fp32 on CPU")
 
-    source = open_source(args.data, args.split, args.label_column)
-    fixed = _fixed_meta(args, tok, tok_sha, source, grid)
+    source, source_desc = open_source(args.data, args.split, args.label_column)
+    fixed = _fixed_meta(args, tok, tok_sha, source, source_desc, grid)
     out = args.out
     os.makedirs(os.path.join(out, "data"), exist_ok=True)
     check_existing_meta(out, fixed)
