@@ -165,8 +165,9 @@ class CodeShardDataset(Dataset):
             return np.full(n, int(self.view))
         if self.seed is None:
             return torch.randint(self.num_views, (n,)).numpy()
-        key = _mix(np.uint64(self.seed) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(self.epoch)
-                   + _mix(idx.astype(np.uint64) + np.uint64(1)))
+        base = np.uint64((self.seed * 0x9E3779B97F4A7C15 + self.epoch) % 2 ** 64)
+        with np.errstate(over="ignore"):
+            key = _mix(base + _mix(idx.astype(np.uint64) + np.uint64(1)))
         return (key % np.uint64(self.num_views)).astype(np.int64)
 
     def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
