@@ -376,6 +376,16 @@ class GPT(nn.Module):
             )
         return codebook.float().clone()
 
+    def _apply(self, fn, recurse=True):
+        # keep the RoPE table in float32 under model.to(bf16/fp16) (LlamaGen keeps it out of the module's dtype)
+        super()._apply(fn, recurse)
+        if self.freqs_cis.dtype != torch.float32:
+            cfg = self.config
+            table = precompute_freqs_cis_2d(cfg.grid, cfg.head_dim, cfg.rope_base)
+            self.freqs_cis = table.to(self.freqs_cis.device) if self.freqs_cis.device.type != "meta" else \
+                torch.empty(table.shape, device="meta")
+        return self
+
     def _init_weights(self, m):
         std = self.config.initializer_range
         if isinstance(m, nn.Linear):

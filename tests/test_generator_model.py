@@ -134,3 +134,13 @@ def test_save_load_roundtrip_projector_codebook_frozen(tmp_path):
     torch.testing.assert_close(m2(codes, lab), m(codes, lab), rtol=0, atol=0)
     with pytest.raises(ValueError, match="needs the frozen tokenizer codebook"):
         GPT(m.config)
+
+
+def test_bf16_keeps_fp32_rope_and_runs():
+    m = tiny(head="ar", input_mode="projector").eval()
+    ref = m.freqs_cis.clone()
+    m = m.to(torch.bfloat16)
+    assert m.freqs_cis.dtype == torch.float32 and torch.equal(m.freqs_cis, ref)
+    assert m.codebook.dtype == torch.bfloat16  # the reference casts the codebook to the GPT precision
+    codes = torch.randint(0, 32, (1, 16, 4))
+    assert m(codes, torch.tensor([1])).dtype == torch.float32
