@@ -138,7 +138,8 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--compile", action="store_true", help="generate(compile=True) (with --full)")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (0 = torch default); 1 by default: on shared CPUs multi-thread timings are erratic")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -181,9 +182,9 @@ def main(argv=None):
                     loop_ips = B / _once(lambda: naive_generate(model, lab2, B, scale, args.top_k), device, False)
 
             def fmt(x, w):
-                return f"{x:>{w}.2f}" if x is not None else f"{'-':>{w}}"
+                return f"{x:>{w}.3g}" if x is not None else f"{'-':>{w}}"
 
-            print(f"{preset:<9} {model.num_parameters() / 1e6:>6.1f}M {B:>5} | {B * L / cached:>12.1f} "
+            print(f"{preset:<9} {model.num_parameters() / 1e6:>6.1f}M {B:>5} | {B * L / cached:>12.4g} "
                   f"{fmt(B / cached, 8)} | {fmt(B * L / naive if naive else None, 11)} "
                   f"{fmt(B / naive if naive else None, 8)} | {fmt(naive / cached if naive else None, 6)}x | "
                   f"{fmt(gen_ips, 16)} {fmt(loop_ips, 16)}", flush=True)
