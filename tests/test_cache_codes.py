@@ -1,4 +1,4 @@
-"""tokenizer.cache_codes: codes equal tokenizer.encode of the same crops, resume after SIGKILL, 2 processes, refusals."""
+"""tokenizer.cache_codes: codes == tokenizer.encode of the same crops, resume after SIGKILL, 2 processes, refusals."""
 import json
 import os
 import subprocess
@@ -104,7 +104,8 @@ def test_ten_crop_views_match_torchvision():
     img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (50, 70, 3), dtype=np.uint8))
     v = make_views(img, 32, "ten-crop")
     assert v.shape == (20, 3, 32, 32) and v.dtype == np.uint8
-    want = [np.asarray(c) for r in (1.1, 1.05) for c in TF.ten_crop(Image.fromarray(center_crop_arr(img, int(32 * r))), 32)]
+    want = [np.asarray(c) for r in (1.1, 1.05)
+            for c in TF.ten_crop(Image.fromarray(center_crop_arr(img, int(32 * r))), 32)]
     np.testing.assert_array_equal(v, np.stack(want).transpose(0, 3, 1, 2))
     np.testing.assert_array_equal(v[5], v[1][:, :, ::-1])  # top-left of the flipped image = flipped top-right
 

@@ -1,8 +1,9 @@
 """Stage-one cache: tokenize an image dataset into HF `datasets` Parquet shards of sub-token indices.
 
     python -m tokenizer.cache_codes --tokenizer runs/tok/final --data fashion-mnist --split train --out shards/fm-train
-    accelerate launch --num_processes 8 -m tokenizer.cache_codes --tokenizer T --data /imagenet/train --out shards/in1k \
-        --views ten-crop
+    accelerate launch --num_processes 8 -m tokenizer.cache_codes --tokenizer T --data /data/imagenet/train \
+        --out shards/in1k --views ten-crop
+    torchrun --nproc_per_node 2 -m tokenizer.cache_codes ...     # several CPU processes (gloo)
 
 Output (--out):
   meta.json                       tokenizer config + sha256 of its weights, G, K, grid, views, image size, class names,
@@ -30,6 +31,8 @@ import json
 import os
 import signal
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 
 import numpy as np
@@ -182,14 +185,28 @@ def shard_features(num_views: int, grid: tuple[int, int], groups: int, dtype: st
     })
 
 
+def shard_table(codes: np.ndarray, labels: np.ndarray, index: np.ndarray, features):
+    """Arrow table with the HF schema (Array4D storage = nested lists), built from the flat buffers in O(1) Python
+    (100x faster than datasets.Dataset.from_dict, which walks the rows)."""
+    import pyarrow as pa
+
+    schema = features.arrow_schema
+    if codes.size >= 2 ** 31:
+        raise ValueError(f"shard of {codes.shape} codes is too large for int32 list offsets; lower --shard-size")
+    arr = pa.array(np.ascontiguousarray(codes).reshape(-1))
+    for size in reversed(codes.shape[1:]):  # innermost (G) first, then w, h, V
+        count = len(arr) // size
+        arr = pa.ListArray.from_arrays(pa.array(np.arange(count + 1, dtype=np.int32) * size), arr)
+    return pa.Table.from_arrays([pa.ExtensionArray.from_storage(schema.field("codes").type, arr),
+                                 pa.array(labels, pa.int64()), pa.array(index, pa.int64())], schema=schema)
+
+
 def write_shard(path: str, codes: np.ndarray, labels: np.ndarray, index: np.ndarray, features) -> None:
     """Write one shard atomically: a temp file in the same folder, then rename (a partial file is never visible)."""
-    import datasets
     import pyarrow.parquet as pq
 
-    ds = datasets.Dataset.from_dict({"codes": codes, "label": labels, "index": index}, features=features)
     tmp = os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    pq.write_table(ds.data.table, tmp)  # the table carries the HF features in its schema metadata
+    pq.write_table(shard_table(codes, labels, index, features), tmp)  # schema metadata carries the HF features
     os.replace(tmp, path)
 
 
@@ -294,7 +311,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    run(_parser().parse_args(argv))
+    return 0
+
+
+def run(args: argparse.Namespace) -> dict:
+    """The whole extraction for this rank; returns its stats (images, seconds in the encode loop, shards, skipped)."""
     for name in ("batch_size", "shard_size"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
@@ -366,6 +388,19 @@ def main(argv: list[str] | None = None) -> int:
     acc_codes, acc_labels, acc_index, acc_bad = [], [], [], 0
     cur, remaining, n_written = None, 0, 0
     torch_dtype = {"uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32}[fixed["dtype"]]
+    # Shards are written by one background thread (pyarrow releases the GIL) while the next shard is encoded; at
+    # most one write is pending. Codes stay on the device until their shard is complete: no sync per batch.
+    writer, pending = ThreadPoolExecutor(max_workers=1), None
+
+    def drain():
+        nonlocal pending, n_written
+        if pending is not None:
+            pending.result()  # re-raises a failed write
+            pending, n_written = None, n_written + 1
+            if kill_after and n_written >= kill_after:  # test hook: die like a preempted job
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    t0 = time.perf_counter()
     for views, labels, index, bad in loader:
         nb = len(index) + len(bad)
         k = (int(index[0]) if len(index) else bad[0][0]) // S
@@ -376,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
             x = to_model_input(views.to(acc.device, non_blocking=True).flatten(0, 1))
             with torch.autocast("cuda", dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext():
                 idx = tok.encode(x)
-            acc_codes.append(idx.view(len(index), V, *idx.shape[1:]).to("cpu", torch_dtype).numpy())
+            acc_codes.append(idx.view(len(index), V, *idx.shape[1:]).to(torch_dtype))
             acc_labels.append(labels.numpy())
             acc_index.append(index.numpy())
         for i, why in bad:
@@ -385,14 +420,17 @@ def main(argv: list[str] | None = None) -> int:
         remaining -= nb
         bar.update(nb)
         if remaining == 0:
-            codes = np.concatenate(acc_codes) if acc_codes else np.zeros((0, V, *grid, cfg.groups), np_dtype)
-            write_shard(os.path.join(out, shard_name(cur, n_shards)), codes,
-                        np.concatenate(acc_labels) if acc_labels else np.zeros(0, np.int64),
-                        np.concatenate(acc_index) if acc_index else np.zeros(0, np.int64), features)
-            n_written += 1
+            codes = torch.cat(acc_codes).cpu().numpy() if acc_codes else np.zeros((0, V, *grid, cfg.groups), np_dtype)
+            drain()
+            pending = writer.submit(write_shard, os.path.join(out, shard_name(cur, n_shards)), codes,
+                                    np.concatenate(acc_labels) if acc_labels else np.zeros(0, np.int64),
+                                    np.concatenate(acc_index) if acc_index else np.zeros(0, np.int64), features)
             acc_codes, acc_labels, acc_index, cur = [], [], [], None
-            if kill_after and n_written >= kill_after:
-                os.kill(os.getpid(), signal.SIGKILL)
+    drain()
+    writer.shutdown()
+    if acc.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
     bar.close()
     print(f"cache-codes: rank {rank}/{world} wrote shards {[k for k in todo]} ({acc_bad} unreadable images skipped)",
           file=sys.stderr)
@@ -401,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
         c = meta["counts"]
         print(f"cache-codes: complete: {c['written']} images written, {c['skipped']} skipped as unreadable "
               f"({n_shards} shards in {out!r})", file=sys.stderr)
-    return 0
+    return {"images": todo_images, "seconds": seconds, "shards": n_written, "skipped": acc_bad,
+            "complete": meta is not None}
 
 
 if __name__ == "__main__":
