@@ -58,6 +58,17 @@ def test_feature_statistics_and_sampled_gaussians():
         M.frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
 
 
+def test_frechet_distance_to_features_low_rank_path_equals_sqrtm():
+    rng = np.random.default_rng(7)
+    d = 40
+    x = rng.normal(size=(d, 3 * d))
+    mu2, s2 = rng.normal(size=d), x @ x.T / (3 * d)
+    for n in (5, 40, 200):  # 5, 40: low-rank eigen path; 200: ADM sqrtm path
+        f = rng.normal(size=(n, d)) * rng.uniform(0.5, 2, d) + 0.3
+        want = M.frechet_distance(*M.feature_statistics(f), mu2, s2)
+        assert M.frechet_distance_to_features(f, mu2, s2) == pytest.approx(want, rel=1e-6)
+
+
 # ---------------------------------------------------------------- Inception score
 
 def test_inception_score_by_hand():

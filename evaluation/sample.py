@@ -1,0 +1,323 @@
+"""gFID evaluation: sample N class-balanced images, write PNGs + an ADM npz, compute FID / IS / precision / recall.
+
+    python -m evaluation.sample --pipeline runs/pipe --num-images 50000 --batch-size 32 --guidance-scale 2.0 \\
+        --resize-to 256 --ref VIRTUAL_imagenet256_labeled.npz --inception-weights weights-inception-2015-12-05-6726825d.pth \\
+        --out runs/eval_cfg2
+    accelerate launch --num_processes 8 -m evaluation.sample ...        # same command, sharded over 8 processes
+
+Protocol (MGVQ's sample_c2i_ddp.py / LlamaGen's, see evaluation/__init__.py for comparability):
+- image i has label i % num_classes (class-balanced like MGVQ's `arange(C).repeat(N/C)`) and seed base_seed + i;
+- images are made in fixed batches [c*B, (c+1)*B) and batch c goes to process c % world_size. A batch's content never
+  depends on the number of processes or on earlier interruptions, so any shard can be redone and a batch-seeded
+  sampler (one torch.Generator per batch, seeded with its first image's seed) is reproducible too;
+- one PNG per image, `images/{i:06d}.png`, written atomically (tmp + rename); finished batches are skipped on rerun;
+- optional resize (e.g. 384 -> 256) with bicubic interpolation on the float tensor (LlamaGen), then clamp and uint8;
+- when every image exists, the main process writes `samples.npz` (`arr_0` uint8 NHWC, `arr_1` labels) for ADM's
+  evaluator, then FID / IS (10 splits) / precision / recall (k=3) -> `metrics.json` and a printed table.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from evaluation import metrics as M
+
+SampleFn = Callable[[torch.Tensor, list], torch.Tensor]  # (labels (B,) int64, seeds list[int]) -> (B, 3, H, W) in [0, 1]
+CONFIG_NAME = "sampling_config.json"
+
+
+def image_path(image_dir, i: int) -> Path:
+    return Path(image_dir) / f"{i:06d}.png"
+
+
+def batches_for_rank(num_images: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[range]:
+    """Fixed batches [c*B, (c+1)*B) of image indices; batch c belongs to rank c % world_size."""
+    if num_images < 1 or batch_size < 1:
+        raise ValueError(f"num_images={num_images} and batch_size={batch_size} must both be >= 1")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+    chunks = [range(s, min(s + batch_size, num_images)) for s in range(0, num_images, batch_size)]
+    return chunks[rank::world_size]
+
+
+def _write_png(path: Path, hwc: np.ndarray) -> None:
+    from PIL import Image
+
+    tmp = path.with_name(path.name + ".tmp")
+    Image.fromarray(hwc).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def sample_to_folder(sample_fn: SampleFn, image_dir, num_images: int, num_classes: int, batch_size: int,
+                     seed: int = 0, resize_to: int | None = None, rank: int = 0, world_size: int = 1,
+                     progress: bool = True) -> int:
+    """This rank's share of the images as PNGs in `image_dir`; finished batches are skipped. Returns images written."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes={num_classes} must be >= 1")
+    image_dir = Path(image_dir)
+    image_dir.mkdir(parents=True, exist_ok=True)
+    mine = batches_for_rank(num_images, batch_size, rank, world_size)
+    todo = [c for c in mine if not all(image_path(image_dir, i).exists() for i in c)]
+    written, t0 = 0, time.time()
+    for n, chunk in enumerate(todo):
+        labels = torch.tensor([i % num_classes for i in chunk], dtype=torch.long)
+        seeds = [seed + i for i in chunk]
+        x = sample_fn(labels, seeds)
+        if not torch.is_tensor(x) or x.dim() != 4 or x.shape[0] != len(chunk) or x.shape[1] != 3:
+            got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+            raise ValueError(f"sample_fn must return a float tensor (B={len(chunk)}, 3, H, W) in [0, 1], got {got}")
+        if not torch.isfinite(x).all():
+            raise ValueError(f"sample_fn returned non-finite values for images {chunk.start}..{chunk.stop - 1}")
+        x = x.float().cpu()
+        if resize_to is not None and tuple(x.shape[-2:]) != (resize_to, resize_to):
+            x = F.interpolate(x, size=(resize_to, resize_to), mode="bicubic", align_corners=False)
+        for i, hwc in zip(chunk, M.nchw_to_nhwc(M.to_uint8(x))):
+            p = image_path(image_dir, i)
+            if not p.exists():
+                _write_png(p, hwc)
+                written += 1
+        if progress and (n + 1) % max(1, len(todo) // 20) == 0:
+            rate = (n + 1) / (time.time() - t0)
+            print(f"[rank {rank}] {n + 1}/{len(todo)} batches ({rate * batch_size:.2f} img/s)", flush=True)
+    return written
+
+
+def folder_to_npz(image_dir, num_images: int, num_classes: int, npz_path) -> np.ndarray:
+    """Stack images 0..N-1 into an ADM npz (`arr_0` uint8 NHWC, `arr_1` labels); every PNG must exist."""
+    from PIL import Image
+
+    missing = [i for i in range(num_images) if not image_path(image_dir, i).exists()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {num_images} images missing in {image_dir} (first: "
+                                f"{image_path(image_dir, missing[0]).name}); rerun the same command to fill them")
+    first = np.asarray(Image.open(image_path(image_dir, 0)).convert("RGB"))
+    images = np.empty((num_images, *first.shape), dtype=np.uint8)
+    for i in range(num_images):
+        a = np.asarray(Image.open(image_path(image_dir, i)).convert("RGB"))
+        if a.shape != first.shape:
+            raise ValueError(f"{image_path(image_dir, i)} is {a.shape}, image 0 is {first.shape}: mixed runs in one folder?")
+        images[i] = a
+    M.save_npz(npz_path, images, labels=np.arange(num_images) % num_classes)
+    return images
+
+
+class _Dist:
+    """rank / world size / barrier from accelerate (gloo on CPU); a single process when not launched distributed."""
+
+    def __init__(self):
+        self.rank, self.world_size = 0, 1
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from accelerate import PartialState
+
+            state = PartialState(**({} if torch.cuda.is_available() else {"backend": "gloo"}))
+            self.rank, self.world_size = state.process_index, state.num_processes
+        self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+        if self.world_size > 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise RuntimeError(f"WORLD_SIZE={self.world_size} but no torch.distributed process group was initialised")
+
+    def barrier(self):
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+
+def generate_samples(sample_fn: SampleFn, out_dir, num_images: int, num_classes: int, batch_size: int,
+                     seed: int = 0, resize_to: int | None = None, config: dict | None = None,
+                     dist: _Dist | None = None, progress: bool = True) -> Path:
+    """All processes sample their shard into out_dir/images; the main one then writes out_dir/samples.npz.
+
+    `config` (sampling settings) is stored in out_dir/sampling_config.json on the first run and a rerun with other
+    settings into the same folder is refused, so a resumed folder never mixes two runs."""
+    dist = dist or _Dist()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = {"num_classes": num_classes, "batch_size": batch_size, "seed": seed, "resize_to": resize_to,
+                **(config or {})}
+    cfg_path = out_dir / CONFIG_NAME
+    if dist.rank == 0 and not cfg_path.exists():
+        cfg_path.write_text(json.dumps(settings, indent=2, sort_keys=True))
+    dist.barrier()
+    old = json.loads(cfg_path.read_text())
+    diff = {k: (old.get(k), settings.get(k)) for k in set(old) | set(settings) if old.get(k) != settings.get(k)}
+    if diff:
+        raise ValueError(f"{out_dir} holds samples made with other settings {{name: (stored, now)}} = {diff}; "
+                         f"use another --out or the same settings")
+    sample_to_folder(sample_fn, out_dir / "images", num_images, num_classes, batch_size, seed, resize_to,
+                     dist.rank, dist.world_size, progress)
+    dist.barrier()
+    npz = out_dir / "samples.npz"
+    if dist.rank == 0:
+        folder_to_npz(out_dir / "images", num_images, num_classes, npz)
+    dist.barrier()
+    return npz
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+
+def reference_features(ref, inception: M.InceptionFeatures, size: int | None = None, cache_dir=None,
+                       batch_size: int = 100):
+    """(mu, sigma, pool features or None) of a reference: an ADM npz (mu/sigma used as stored, like ADM; `arr_0`
+    images, if present, give the features for precision/recall) or an image folder (resized to cover `size` and
+    centre-cropped when given). Features are cached in cache_dir, keyed by the reference file and the weights."""
+    ref = Path(ref)
+    if not ref.exists():
+        raise FileNotFoundError(f"reference {ref} does not exist (expected an ADM .npz or an image folder)")
+    key = f"{ref.resolve()}|{ref.stat().st_mtime_ns}|{size}|{inception.weights_path.resolve()}"
+    cache = Path(cache_dir) / f"ref_features_{ref.stem}_{hashlib.sha1(key.encode()).hexdigest()[:10]}.npz" \
+        if cache_dir else None
+    stats = M.load_npz_stats(ref) if ref.suffix == ".npz" else None
+    pool = None
+    if cache is not None and cache.exists():
+        pool = np.load(cache)["pool"]
+    else:
+        if ref.suffix == ".npz":
+            with np.load(ref) as f:
+                has_images = "arr_0" in f
+            images = M.load_npz_images(ref) if has_images else None
+        else:
+            images = M.ImageFolder(ref, size=(size, size) if size else None)
+        if images is not None:
+            pool, _ = inception(M.iter_batches(images, batch_size))
+            if cache is not None:
+                np.savez(cache, pool=pool)
+    if stats is None:
+        if pool is None:
+            raise ValueError(f"reference {ref} has neither mu/sigma nor arr_0 images")
+        stats = M.feature_statistics(pool)
+    return stats[0], stats[1], pool
+
+
+def evaluate_samples(images, ref, inception: M.InceptionFeatures, splits: int = 10, cache_dir=None,
+                     batch_size: int = 100) -> dict:
+    """FID, IS (mean, std over `splits`), precision and recall (k=3) of uint8 NHWC `images` against `ref`."""
+    images = M.load_npz_images(images) if isinstance(images, (str, Path)) else np.asarray(images)
+    n = len(images)
+    pool, logits = inception(M.iter_batches(images, batch_size))
+    ref_mu, ref_sigma, ref_pool = reference_features(ref, inception, size=images.shape[1], cache_dir=cache_dir,
+                                                     batch_size=batch_size)
+    is_mean, is_std = M.inception_score(logits=logits, splits=min(splits, n))
+    out = {"num_images": n, "fid": M.frechet_distance_to_features(pool, ref_mu, ref_sigma),
+           "inception_score": is_mean, "inception_score_std": is_std, "is_splits": min(splits, n),
+           "precision": None, "recall": None}
+    if ref_pool is not None and len(ref_pool) > 3 and n > 3:
+        out["precision"], out["recall"] = M.precision_recall(ref_pool, pool, k=3, device=inception.device)
+    out["num_ref_images"] = None if ref_pool is None else len(ref_pool)
+    return out
+
+
+def format_table(rows: dict) -> str:
+    width = max(len(k) for k in rows)
+    lines = []
+    for k, v in rows.items():
+        v = f"{v:.4f}" if isinstance(v, float) else str(v)
+        lines.append(f"  {k:<{width}}  {v}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mgvq evaluate-generation",
+        description="Sample N class-balanced images from a pipeline (sharded with accelerate, resumable), write "
+                    "PNGs + an ADM npz, and compute FID / IS / precision / recall.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  # 50k samples at 384 resized to 256, vs ADM's reference batch, on 8 GPUs\n"
+               "  accelerate launch --num_processes 8 -m evaluation.sample --pipeline runs/pipe --num-images 50000 \\\n"
+               "      --batch-size 32 --guidance-scale 2.0 --resize-to 256 --ref VIRTUAL_imagenet256_labeled.npz \\\n"
+               "      --inception-weights weights-inception-2015-12-05-6726825d.pth --out runs/eval_cfg2\n"
+               "  # CPU smoke test of the demo pipeline against an image folder\n"
+               "  mgvq evaluate-generation --pipeline runs/demo/pipeline --num-images 100 --batch-size 50 \\\n"
+               "      --ref data/fmnist_ref_pngs --inception-weights inc.pth --out runs/demo/eval\n"
+               "  # evaluate an existing ADM npz (e.g. a released sample file) without sampling\n"
+               "  mgvq evaluate-generation --samples GPT_XXL_300ep_topk_12.npz --ref VIRTUAL_imagenet256_labeled.npz \\\n"
+               "      --inception-weights weights-inception-2015-12-05-6726825d.pth --out runs/eval_released\n"
+               "Outputs in --out: images/NNNNNN.png, samples.npz (arr_0 uint8 NHWC), metrics.json.\n"
+               "For paper-comparable numbers also run ADM's evaluator on samples.npz (see evaluation/__init__.py).")
+    p.add_argument("--pipeline", help="MGVQPipeline folder (save_pretrained) to sample from")
+    p.add_argument("--samples", help="evaluate this existing ADM npz (arr_0 uint8 NHWC) instead of sampling")
+    p.add_argument("--out", required=True, help="output folder (PNGs, samples.npz, metrics.json); reruns resume")
+    p.add_argument("--num-images", type=int, default=50000, help="number of samples N (default 50000)")
+    p.add_argument("--num-classes", type=int, help="classes to balance over (default: the generator's)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per sampler call per process (default 32)")
+    p.add_argument("--guidance-scale", type=float, help="CFG scale (default: the pipeline's)")
+    p.add_argument("--temperature", type=float, help="sampling temperature (default: the pipeline's)")
+    p.add_argument("--top-k", type=int, help="top-k as the pipeline defines it (default: the pipeline's)")
+    p.add_argument("--top-p", type=float, help="nucleus top-p (default: the pipeline's)")
+    p.add_argument("--cfg-interval", type=int, help="CFG interval (default: the pipeline's)")
+    p.add_argument("--seed", type=int, default=0, help="base seed; image i uses seed+i (its batch: seed of its first image)")
+    p.add_argument("--resize-to", type=int, help="resize samples to this size, bicubic on the float tensor (e.g. 256)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="generator dtype")
+    p.add_argument("--ref", help="reference: ADM npz (mu/sigma and/or arr_0) or an image folder; omit to only sample")
+    p.add_argument("--inception-weights", help=f"path of {M.INCEPTION_WEIGHTS_NAME} "
+                                               f"(default: $TORCH_HOME/hub/checkpoints/)")
+    p.add_argument("--eval-batch-size", type=int, default=100, help="Inception batch size (default 100)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    out = Path(args.out)
+    if (args.pipeline is None) == (args.samples is None):
+        raise SystemExit("evaluate-generation: pass exactly one of --pipeline DIR (sample) or --samples NPZ (evaluate)")
+    inception = None
+    if args.ref is not None:  # fail on missing weights before hours of sampling
+        dist0 = int(os.environ.get("RANK", "0"))
+        if dist0 == 0:
+            inception = M.InceptionFeatures(args.inception_weights, batch_size=args.eval_batch_size,
+                                            device="cuda" if torch.cuda.is_available() else "cpu")
+    if args.pipeline is not None:
+        from pipelines import MGVQPipeline  # lazy: evaluation never imports the stages at module level
+
+        dist = _Dist()
+        dtype = getattr(torch, args.dtype)
+        pipe = MGVQPipeline.from_pretrained(args.pipeline, device=dist.device, dtype=dtype)
+        num_classes = args.num_classes or pipe.generator.config.num_classes
+        kw = {k: v for k, v in dict(guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
+                                      top_p=args.top_p, cfg_interval=args.cfg_interval).items() if v is not None}
+        d = pipe.defaults.__dict__
+        config = {"pipeline": str(Path(args.pipeline).resolve()), "dtype": args.dtype,
+                  **{k: kw.get(k, d.get(k)) for k in ("guidance_scale", "temperature", "top_k", "top_p", "cfg_interval")}}
+        if dist.rank == 0:
+            print(f"sampling {args.num_images} images, {num_classes} classes, {dist.world_size} process(es): "
+                  f"{json.dumps(config)}", flush=True)
+
+        def sample_fn(labels: torch.Tensor, seeds: list) -> torch.Tensor:
+            g = torch.Generator(dist.device).manual_seed(seeds[0])
+            return pipe(labels.tolist(), generator=g, output_type="pt", progress=False, **kw).images
+
+        npz = generate_samples(sample_fn, out, args.num_images, num_classes, args.batch_size, args.seed,
+                               args.resize_to, config=config, dist=dist)
+        if dist.rank != 0:
+            return 0
+    else:
+        npz, config = Path(args.samples), {"samples": str(Path(args.samples).resolve())}
+        out.mkdir(parents=True, exist_ok=True)
+    if args.ref is None:
+        print(f"wrote {npz}; no --ref given, so no metrics")
+        return 0
+    t0 = time.time()
+    res = evaluate_samples(npz, args.ref, inception, cache_dir=out, batch_size=args.eval_batch_size)
+    res.update(samples=str(npz), ref=str(args.ref), inception_weights=str(inception.weights_path),
+               eval_seconds=round(time.time() - t0, 1), settings=config)
+    (out / "metrics.json").write_text(json.dumps(res, indent=2))
+    print(format_table({k: res[k] for k in ("num_images", "fid", "inception_score", "inception_score_std",
+                                            "precision", "recall", "num_ref_images")}))
+    print(f"wrote {out / 'metrics.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
