@@ -1,0 +1,72 @@
+"""End to end through the CLI: LlamaGen VQ + GPT reference checkpoints -> converters -> pipeline folder -> samples.
+
+The pipeline's greedy CFG samples must be exactly the reference LlamaGen generate() tokens, and its images exactly
+the converted tokenizer's decode of those tokens.
+"""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipelines import MGVQPipeline
+from pipelines.cli import main as mgvq
+
+FIX = Path(os.environ.get("MGVQ_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared")) / "fixtures" / "reference"
+pytestmark = pytest.mark.skipif(not (FIX / "llamagen_gpt.safetensors").exists(), reason=f"no reference fixtures at {FIX}")
+
+
+def _state_dict_file(name: str, out: Path, fmt: str) -> Path:
+    t = load_file(FIX / f"{name}.safetensors")
+    sd = {k[len("state_dict."):]: v.contiguous() for k, v in t.items() if k.startswith("state_dict.")}
+    if fmt == "pt":  # the released files are torch pickles with weights under "model"
+        path = out / f"{name}.pt"
+        torch.save({"model": sd, "steps": 0}, path)
+    else:
+        path = out / f"{name}.safetensors"
+        save_file(sd, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def llamagen_pipeline(tmp_path_factory):
+    d = tmp_path_factory.mktemp("llamagen")
+    vq = _state_dict_file("llamagen_vq", d, "pt")
+    gpt = _state_dict_file("llamagen_gpt", d, "safetensors")
+    assert mgvq(["convert", "--from", "llamagen-vq", str(vq), str(d / "vq"), "image_size=8"]) == 0
+    assert mgvq(["convert", "--from", "llamagen-gpt", str(gpt), str(d / "gpt"), "n_head=4", "grid=4"]) == 0
+    assert mgvq(["convert", "--from", "pipeline", str(d / "vq"), str(d / "gpt"), str(d / "pipe"),
+                 "guidance_scale=2.0", "top_k=1"]) == 0
+    return d / "pipe"
+
+
+def test_pipeline_reproduces_llamagen_greedy_cfg(llamagen_pipeline):
+    ref = load_file(FIX / "llamagen_gpt.safetensors")
+    pipe = MGVQPipeline.from_pretrained(str(llamagen_pipeline))
+    cfg = json.loads((llamagen_pipeline / "pipeline_config.json").read_text())
+    assert cfg["sampling_defaults"]["guidance_scale"] == 2.0 and cfg["image_size"] == 8
+    labels = ref["gen_labels"].tolist()
+    for scale, key in [(2.0, "gen_cfg2_tokens"), (1.0, "gen_cfg1_tokens")]:
+        out = pipe(labels, guidance_scale=scale, output_type="pt", progress=False)
+        assert out.codes.shape == (2, 4, 4, 1)
+        assert torch.equal(out.codes.reshape(2, 16), ref[key]), scale
+        with torch.no_grad():
+            want = ((pipe.tokenizer.decode(ref[key].view(2, 4, 4, 1)) + 1) / 2).clamp(0, 1)
+        torch.testing.assert_close(out.images, want, atol=1e-5, rtol=0)
+        assert out.images.shape == (2, 3, 8, 8)
+
+
+def test_pipeline_names_and_errors(llamagen_pipeline):
+    pipe = MGVQPipeline.from_pretrained(str(llamagen_pipeline))
+    assert pipe.get_label_ids(["3", "7"]) == [3, 7]
+    with pytest.raises(ValueError, match="out of range"):
+        pipe([10])
+    with pytest.raises(ValueError, match="top_k"):
+        pipe([1], top_k=129)
+
+
+def test_convert_rejects_unknown_kind():
+    with pytest.raises(SystemExit, match="valid"):
+        mgvq(["convert", "--from", "vqgan-taming", "a", "b"])
