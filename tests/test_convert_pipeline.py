@@ -70,3 +70,22 @@ def test_pipeline_names_and_errors(llamagen_pipeline):
 def test_convert_rejects_unknown_kind():
     with pytest.raises(SystemExit, match="valid"):
         mgvq(["convert", "--from", "vqgan-taming", "a", "b"])
+
+
+def test_released_mgvq_pair_through_cli(tmp_path):
+    """MGVQ's DC-AE tokenizer + AR-head GPT (reference fixtures) -> pipeline: tokens and decoded images exact."""
+    tok_ckpt = _state_dict_file("mgvq_tokenizer", tmp_path, "pt")
+    gpt_ckpt = _state_dict_file("mgvq_gpt", tmp_path, "pt")
+    assert mgvq(["convert", "--from", "mgvq-tokenizer", str(tok_ckpt), str(tmp_path / "tok"), "image_size=64"]) == 0
+    assert mgvq(["convert", "--from", "mgvq-gpt", str(gpt_ckpt), str(tmp_path / "gpt"),
+                 "--tokenizer", str(tmp_path / "tok"), "n_head=4", "grid=4"]) == 0
+    assert mgvq(["convert", "--from", "pipeline", str(tmp_path / "tok"), str(tmp_path / "gpt"), str(tmp_path / "pipe"),
+                 "top_k=1"]) == 0
+    ref = load_file(FIX / "mgvq_gpt.safetensors")
+    pipe = MGVQPipeline.from_pretrained(str(tmp_path / "pipe"))
+    assert pipe.generator.config.head == "ar" and pipe.tokenizer.config.groups == 4
+    for scale, key in [(2.0, "gen_cfg2"), (1.0, "gen_cfg1")]:
+        out = pipe(ref["gen_labels"].tolist(), guidance_scale=scale, output_type="pt", progress=False)
+        assert torch.equal(out.codes.reshape(2, 16, 4), ref[f"{key}_tokens"]), scale
+        want = ((ref[f"{key}_images"] + 1) / 2).clamp(0, 1)  # the pipeline returns [0, 1] images
+        torch.testing.assert_close(out.images, want, atol=1e-4, rtol=1e-4)
