@@ -10,10 +10,20 @@ import torch
 
 from tokenizer.convert_mgvq import _usage_window, convert_mgvq_tokenizer, infer_mgvq_config, main
 from tokenizer.dcae import RELEASED_PRESETS, DCAEConfig, DCAEDecoder, DCAEEncoder, LiteMLA, RMSNorm2d
-from tokenizer.model import MGVQTokenizer, preset_config
+from tokenizer.model import MGVQTokenizer
 
 FIXTURES = Path("/work/shared/fixtures/reference")
 TOL = dict(atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny convs: one thread is ~10x faster than two on a shared, loaded CPU (and reproduces the reference bit for
+    bit)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ EViT_GLU), norms (running_mean present -> bn2d, else trms2d), G from quant_conv'
 quantize.embedding.weight. Activations are not in the weights: BatchNorm stages use ReLU and RMS-norm stages SiLU, as in
 every released config. key=value pairs override TokenizerConfig fields (dotted for nested ones, e.g.
 dcae.decoder_out_act=silu; values are YAML). Module names equal the reference's, so every weight loads unchanged; the
-usage queue quantize.codebook_used (G, 65536) float, zeros = never filled) becomes our (G, window) int64 ring buffer.
+usage queue quantize.codebook_used ((G, 65536) float, all zeros = never filled) becomes our (G, window) int64 ring buffer.
 """
 from __future__ import annotations
 
@@ -118,8 +118,8 @@ def infer_mgvq_config(sd: dict[str, torch.Tensor]) -> dict:
         raise ValueError(f"quantize.embedding.weight has {n_codes} rows, not a multiple of groups G={G}")
     q_in = int(sd["quant_conv.weight"].shape[1])
     if q_in not in (e_dim, C):
-        raise ValueError(f"quant_conv.weight {tuple(sd['quant_conv.weight'].shape)}: input channels must be C/G={e_dim} "
-                         f"(grouped) or C={C}")
+        raise ValueError(f"quant_conv.weight {tuple(sd['quant_conv.weight'].shape)}: input channels must be "
+                         f"C/G={e_dim} (grouped) or C={C}")
     return dict(backbone="dcae", dcae=dcae, latent_dim=C, groups=G, codebook_size=n_codes // G,
                 grouped_quant_conv=q_in == e_dim and G > 1, nested_keep_probs="default", dead_code_reinit=True,
                 image_size=256)
@@ -149,8 +149,8 @@ def convert_mgvq_tokenizer(state_dict: dict[str, torch.Tensor], overrides: dict 
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if k not in ("quantize.codebook_used", "quantize.embed_prob")]
     if missing or unexpected:
-        raise ValueError(f"MGVQ state_dict does not match the inferred architecture {cfg.dcae}: missing {missing[:10]}, "
-                         f"unexpected {unexpected[:10]}")
+        raise ValueError(f"MGVQ state_dict does not match the inferred architecture {cfg.dcae}: "
+                         f"missing {missing[:10]}, unexpected {unexpected[:10]}")
     return model.eval()
 
 

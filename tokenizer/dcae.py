@@ -284,7 +284,8 @@ class ChannelDuplicating(nn.Module):
     def __init__(self, cin: int, cout: int, factor: int):
         super().__init__()
         if (cout * factor ** 2) % cin:
-            raise ValueError(f"channel duplicating needs cout*factor^2 ({cout}*{factor}^2) to be a multiple of cin {cin}")
+            raise ValueError(f"channel duplicating needs cout*factor^2 ({cout}*{factor}^2) to be a multiple of "
+                             f"cin {cin}")
         self.factor, self.repeats = factor, cout * factor ** 2 // cin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -343,8 +344,12 @@ class DCAEDecoder(nn.Module):
             stages.append(OpSequential(ops))
         self.stages = nn.ModuleList(stages)  # index = stage; run from the last to the first
         c0 = w[0] if depth[0] > 0 else w[1]
-        out_conv = ConvLayer(c0, cfg.in_channels, 3, bias=True) if depth[0] > 0 else ConvPixelShuffle(c0, cfg.in_channels)
-        self.project_out = OpSequential([build_norm(cfg.decoder_out_norm, c0), build_act(cfg.decoder_out_act), out_conv])
+        if depth[0] > 0:
+            out_conv = ConvLayer(c0, cfg.in_channels, 3, bias=True)
+        else:
+            out_conv = ConvPixelShuffle(c0, cfg.in_channels)  # (B, 3, H, W)
+        self.project_out = OpSequential([build_norm(cfg.decoder_out_norm, c0), build_act(cfg.decoder_out_act),
+                                         out_conv])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.project_in(x)
@@ -354,7 +359,7 @@ class DCAEDecoder(nn.Module):
         return self.project_out(x)
 
 
-# ---- presets (TokenizerConfig kwargs) ---------------------------------------------------------------------------------
+# ---- presets (TokenizerConfig kwargs) --------------------------------------------------------------------------------
 def _released(widths: list[int], enc: list[int], dec: list[int], n_evit: int, groups: int, codebook_size: int) -> dict:
     n_res = len(widths) - n_evit
     dcae = dict(width_list=widths, encoder_depth_list=enc, decoder_depth_list=dec,
