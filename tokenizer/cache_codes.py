@@ -400,8 +400,9 @@ def run(args: argparse.Namespace) -> dict:
             if kill_after and n_written >= kill_after:  # test hook: die like a preempted job
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    t0 = time.perf_counter()
+    t0, t_first = time.perf_counter(), None
     for views, labels, index, bad in loader:
+        t_first = t_first or time.perf_counter()  # worker start-up + first batch (pipeline fill)
         nb = len(index) + len(bad)
         k = (int(index[0]) if len(index) else bad[0][0]) // S
         if cur is None:
@@ -439,7 +440,8 @@ def run(args: argparse.Namespace) -> dict:
         c = meta["counts"]
         print(f"cache-codes: complete: {c['written']} images written, {c['skipped']} skipped as unreadable "
               f"({n_shards} shards in {out!r})", file=sys.stderr)
-    return {"images": todo_images, "seconds": seconds, "shards": n_written, "skipped": acc_bad,
+    return {"images": todo_images, "seconds": seconds, "fill_seconds": (t_first or t0) - t0, "shards": n_written,
+            "skipped": acc_bad,
             "complete": meta is not None}
 
 
