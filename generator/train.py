@@ -811,7 +811,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="device peak TFLOP/s for the MFU estimate (H100/H200 bf16 dense: 989, A100: 312)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=2e-4 max_steps=100 model_args.dim=512")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # key=value may come before or after the flags
     overrides = list(args.overrides) + ([f"peak_tflops={args.peak_tflops}"] if args.peak_tflops else [])
     cfg = load_config(args.config, overrides)
     if args.print_config:

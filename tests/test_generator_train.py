@@ -1,0 +1,250 @@
+"""generator.train on the CPU: single process vs DeepSpeed ZeRO-2 / ZeRO-3 (2 processes, gloo), checkpoint resume,
+SIGKILL resume, non-finite-loss skip, export. Real subprocesses and launchers (accelerate launch, torchrun)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import datasets
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from generator import GPT
+from generator.train import EpochIndexed, StepBatches, SyntheticCodes, load_config, lr_at, main, param_groups
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
+           TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR")
+           or os.path.join(os.path.expanduser("~"), ".cache", "mgvq", "torch_extensions"))
+NO_DROPOUT = ["model_args.token_dropout_p=0", "model_args.resid_dropout_p=0", "model_args.ffn_dropout_p=0",
+              "model_args.class_dropout_prob=0"]
+# global batch 16 = 1 process x 8 x accum 2 = 2 processes x 8 x accum 1; NaN injected into rank 0's loss at step 3
+COMMON = ["--config", "configs/generator/tiny.yaml", "global_batch_size=16", "batch_size=8", "log_every=1",
+          "sample_every=0", "num_workers=0", "precision=fp32", "inject_nan_at=[3]", "ckpt_every=1", "keep_last=5",
+          *NO_DROPOUT]
+G, K, GRID, NCLS = 2, 64, 8, 10
+
+
+def run(cmd, timeout=600):
+    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"{' '.join(cmd)} failed (rc={r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+    return r.stdout + r.stderr
+
+
+def train_cmd(*args):
+    return [sys.executable, "-m", "generator.train", *args]
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(ln) for ln in f if ln.strip()]
+
+
+def summary(out):
+    with open(os.path.join(out, "final", "train_summary.json")) as f:
+        return json.load(f)
+
+
+def eval_batch(shard_dir, n):
+    from generator.data import CodeShardDataset
+
+    items = EpochIndexed(CodeShardDataset(shard_dir, seed=0)).__getitems__([(0, i) for i in range(n)])
+    return torch.stack([c for c, _ in items]), torch.stack([lb for _, lb in items])
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """64 images x 2 views in the cache_codes layout; codes from learnable class templates."""
+    out = str(tmp_path_factory.mktemp("shards"))
+    os.makedirs(os.path.join(out, "data"))
+    n, V = 64, 2
+    codes = torch.stack([SyntheticCodes(n, GRID, G, K, NCLS, seed=s).codes for s in (1, 2)], 1).numpy()  # (n,V,..)
+    labels = SyntheticCodes(n, GRID, G, K, NCLS, seed=1).labels.numpy()
+    names = [f"class_{i}" for i in range(NCLS)]
+    feats = datasets.Features({"codes": datasets.Array4D(shape=(V, GRID, GRID, G), dtype="int16"),
+                               "label": datasets.ClassLabel(names=names), "index": datasets.Value("int64")})
+    shard_names = []
+    for k in range(2):
+        idx = np.arange(k * 32, (k + 1) * 32)
+        ds = datasets.Dataset.from_dict({"codes": codes[idx], "label": labels[idx], "index": idx}, features=feats)
+        shard_names.append(f"data/codes-{k:05d}-of-00002.parquet")
+        pq.write_table(ds.data.table, os.path.join(out, shard_names[-1]))
+    meta = {"format": "mgvq-codes", "version": 1, "groups": G, "codebook_size": K, "grid": [GRID, GRID],
+            "dtype": "int16", "views": {"mode": "test", "count": V, "names": ["a", "b"]}, "class_names": names,
+            "num_classes": NCLS, "shards": shard_names, "counts": {"images": n, "written": n, "skipped": 0},
+            "complete": True}
+    with open(os.path.join(out, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(shards, tmp_path_factory):
+    """Single process, accumulation 2, 4 steps, NaN at step 3."""
+    out = str(tmp_path_factory.mktemp("ref"))
+    run(train_cmd(*COMMON, f"data={shards}", f"out={out}", "max_steps=4", "sample_every=2"))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- pure functions
+
+
+def test_config_overlay_and_errors(tmp_path):
+    cfg = load_config(os.path.join(ROOT, "configs/generator/gpt-xxl.yaml"), ["lr=3e-4", "model_args.dim=512",
+                                                                             "max_steps=10", "sample_classes=[1,2]"])
+    assert cfg.model == "GPT-XXL" and cfg.lr == 3e-4 and cfg.global_batch_size == 512 and cfg.max_steps == 10
+    assert cfg.model_args == {"grad_checkpointing": False, "dim": 512} and cfg.sample_classes == [1, 2]
+    assert (cfg.beta1, cfg.beta2, cfg.weight_decay, cfg.grad_clip) == (0.9, 0.95, 0.05, 1.0)
+    with pytest.raises(ValueError, match="did you mean lr"):
+        load_config(None, ["lrr=1"])
+    with pytest.raises(ValueError, match="unknown GPTConfig field"):
+        load_config(None, ["model_args.nope=1"])
+    with pytest.raises(ValueError, match="multiple of batch_size"):
+        load_config(None, ["global_batch_size=10", "batch_size=4"])
+    for name in ("gpt-b", "gpt-l", "gpt-xl", "gpt-xxl", "tiny"):
+        load_config(os.path.join(ROOT, f"configs/generator/{name}.yaml"))
+    assert load_config(os.path.join(ROOT, "configs/generator/gpt-xl.yaml")).lr == 2e-4
+
+
+def test_help_shows_example(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "python -m generator.train --config configs/generator/tiny.yaml" in text and "--peak-tflops" in text
+
+
+def test_data_order_partition_and_lr():
+    # 2 ranks x accum 2 x 4 = global 16: each global step is a disjoint block of the epoch permutation
+    n, steps = 40, 5
+    per_rank = [list(StepBatches(n, 16, 4, 2, r, 7, 0, steps)) for r in range(2)]
+    single = list(StepBatches(n, 16, 8, 1, 0, 7, 0, steps))
+    for s in range(steps):
+        got = sorted(i for r in range(2) for b in per_rank[r][2 * s:2 * s + 2] for _, i in b)
+        assert got == sorted(i for _, i in single[s])  # same items per global step, any world size
+    epoch0 = [i for s in range(2) for _, i in single[s]]
+    assert len(set(epoch0)) == 32 and {e for e, _ in single[2]} == {1}  # 2 steps/epoch, drop-last
+    resumed = list(StepBatches(n, 16, 8, 1, 0, 7, 3, steps))
+    assert resumed == single[3:]
+    cfg = load_config(None, ["lr=1e-3", "warmup_steps=10", "lr_schedule=cosine", "min_lr=1e-4"])
+    assert lr_at(cfg, 0, 110) == pytest.approx(1e-4) and lr_at(cfg, 9, 110) == pytest.approx(1e-3)
+    assert lr_at(cfg, 60, 110) == pytest.approx(0.5 * (1e-3 + 1e-4)) and lr_at(cfg, 110, 110) == pytest.approx(1e-4)
+    gpt = GPT.from_preset("GPT-tiny", groups=G, codebook_size=K, grid=GRID, num_classes=NCLS)
+    decay, no_decay = param_groups(gpt, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(gpt.parameters()))
+
+
+# ---------------------------------------------------------------------------------------------- training runs
+
+
+def test_single_process_skips_nonfinite_and_exports(reference, shards):
+    m = metrics(reference)
+    assert [r["step"] for r in m] == [1, 2, 3, 4]
+    assert m[2]["loss"] is None and m[2]["skipped_steps"] == 1 and m[3]["skipped_steps"] == 1
+    assert all(r["loss"] is not None and 2.0 < r["loss"] < 4.2 for r in (m[0], m[1], m[3]))
+    assert m[3]["loss"] < m[0]["loss"]  # it learns (ln 64 = 4.159 at the zero-init head)
+    assert m[0]["loss"] == pytest.approx(np.log(K), abs=1e-4)
+    ck = os.path.join(reference, "checkpoints")
+    w = {s: load_file(os.path.join(ck, f"step_{s:08d}", "model.safetensors")) for s in (2, 3, 4)}
+    assert all(torch.equal(w[2][k], w[3][k]) for k in w[2])  # the NaN step never reached the weights
+    assert any(not torch.equal(w[3][k], w[4][k]) for k in w[3])  # and training continued
+    assert sorted(os.listdir(ck)) == [f"step_{s:08d}" for s in range(1, 5)]
+    assert os.path.isfile(os.path.join(reference, "samples", "step_00000002.png"))
+    assert os.path.isfile(os.path.join(reference, "samples", "step_00000004.safetensors"))
+    s = summary(reference)
+    model = GPT.from_pretrained(os.path.join(reference, "final")).eval()
+    codes, labels = eval_batch(shards, s["eval_items"])
+    with torch.no_grad():
+        loss = float(model.compute_loss(codes, labels)["loss"])
+    assert loss == pytest.approx(s["final_eval_loss"], abs=1e-6) == s["export_eval_loss"]
+    assert json.load(open(os.path.join(reference, "final", "id2label.json")))["3"] == "class_3"
+
+
+def _compare_to_reference(out, reference):
+    ref, got = metrics(reference), metrics(out)
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    for a, b in zip(ref, got):
+        if a["loss"] is None:
+            assert b["loss"] is None and b["skipped_steps"] == 1
+            continue
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
+        assert b["group_losses"] == pytest.approx(a["group_losses"], rel=1e-5, abs=1e-6)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
+    w_ref = load_file(os.path.join(reference, "final", "model.safetensors"))
+    w = load_file(os.path.join(out, "final", "model.safetensors"))
+    assert w.keys() == w_ref.keys()
+    for k in w:
+        torch.testing.assert_close(w[k], w_ref[k], rtol=1e-4, atol=1e-5)
+
+
+def test_zero2_accelerate_launch_matches_single_process_and_resumes(reference, shards, tmp_path):
+    out = str(tmp_path / "z2")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/zero2.yaml",
+              "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "29611", "-m",
+              "generator.train", *COMMON, f"data={shards}", f"out={out}"]
+    log1 = run(launch + ["max_steps=2"])
+    assert "DEEPSPEED ZeRO-2" in log1 and "world 2 x batch 8 x accum 1 = 16" in log1
+    log2 = run(launch + ["max_steps=4"])  # same run, longer: resumes from its step-2 checkpoint
+    assert "resumed from" in log2 and "step_00000002" in log2
+    _compare_to_reference(out, reference)
+    assert summary(out)["zero_stage"] == 2 and summary(out)["skipped_steps"] == 1
+
+
+def test_zero3_torchrun_matches_resumes_and_exports(reference, shards, tmp_path):
+    out = str(tmp_path / "z3")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29612",
+              "-m", "generator.train", *COMMON, f"data={shards}", f"out={out}", "deepspeed=configs/deepspeed/zero3.json"]
+    log1 = run(launch + ["max_steps=2"])
+    assert "DEEPSPEED ZeRO-3" in log1
+    log2 = run(launch + ["max_steps=4"])
+    assert "resumed from" in log2
+    _compare_to_reference(out, reference)
+    s = summary(out)
+    assert s["zero_stage"] == 3 and s["world_size"] == 2
+    # the gathered export loads into a plain model and reproduces the ZeRO-3 engine's eval loss
+    model = GPT.from_pretrained(os.path.join(out, "final")).eval()
+    ref_model = GPT.from_pretrained(os.path.join(reference, "final")).eval()
+    codes, labels = eval_batch(shards, s["eval_items"])
+    with torch.no_grad():
+        assert float(model.compute_loss(codes, labels)["loss"]) == pytest.approx(s["final_eval_loss"], abs=1e-6)
+        torch.testing.assert_close(model(codes, labels), ref_model(codes, labels), rtol=1e-4, atol=1e-4)
+
+
+def test_sigkill_resume_equals_uninterrupted(tmp_path):
+    """Dropout on (RNG state matters), synthetic data, 6 steps; SIGKILL after the step-2 checkpoint, rerun."""
+    args = ["--config", "configs/generator/tiny.yaml", "global_batch_size=16", "batch_size=8", "log_every=1",
+            "sample_every=0", "num_workers=0", "max_steps=6", "ckpt_every=2", "keep_last=2", "tensorboard=false"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    run(train_cmd(*args, f"out={a}"))
+    cmd = train_cmd(*args, f"out={b}")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = os.path.join(b, "checkpoints", "step_00000002", "train_state.json")
+    deadline = time.time() + 300
+    while not os.path.exists(first) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(os.path.join(b, "final"))
+    log = run(cmd)
+    assert "resumed from" in log
+    wa = load_file(os.path.join(a, "final", "model.safetensors"))
+    wb = load_file(os.path.join(b, "final", "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    ma, mb = metrics(a), metrics(b)
+    assert [r["step"] for r in mb] == list(range(1, 7))
+    assert [(r["loss"], r["grad_norm"]) for r in ma] == [(r["loss"], r["grad_norm"]) for r in mb]
+    assert sorted(os.listdir(os.path.join(b, "checkpoints"))) == ["step_00000004", "step_00000006"]
+
+
+def test_bench_runs_on_cpu():
+    out = run([sys.executable, "bench/gpu_train.py", "--preset", "GPT-tiny", "--device", "cpu", "--steps", "2",
+               "--batch-sizes", "2", "--groups", "2", "--codebook-size", "64", "--grid", "8"])
+    assert "tokens/s" in out and "GPT-tiny" in out and "ZeRO-2" in out
