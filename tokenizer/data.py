@@ -422,18 +422,23 @@ def skimage_photos() -> list[np.ndarray]:
 
 def skimage_crops(n: int, image_size: int, seed: int = 0, scales: tuple[float, float] = (0.25, 0.5),
                   photos: Sequence[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """n random image_size crops of the photos, each photo first resized by a random factor in `scales` (BOX).
+    """n random image_size crops of the photos, each photo first BOX-resized by one of 4 factors spanning `scales`.
 
     Returns uint8 (n, S, S, 3) and the photo index of each crop as its label."""
     photos = list(photos) if photos is not None else skimage_photos()
     rng = np.random.default_rng(seed)
+    levels = np.linspace(scales[0], scales[1], 4)  # each photo resized once per level, then cropped
+    pyramid = []
+    for p in photos:
+        img = Image.fromarray(p)
+        pyramid.append([np.asarray(img.resize((max(image_size, round(img.width * s)),
+                                               max(image_size, round(img.height * s))), resample=Image.BOX))
+                        for s in levels])
     out = np.empty((n, image_size, image_size, 3), np.uint8)
     labels = rng.integers(0, len(photos), n)
     for k, p in enumerate(labels):
-        img = Image.fromarray(photos[p])
-        s = rng.uniform(*scales)
-        w, h = max(image_size, round(img.width * s)), max(image_size, round(img.height * s))
-        small = np.asarray(img.resize((w, h), resample=Image.BOX))
+        small = pyramid[p][rng.integers(0, len(levels))]
+        h, w = small.shape[:2]
         y, x = rng.integers(0, h - image_size + 1), rng.integers(0, w - image_size + 1)
         out[k] = small[y:y + image_size, x:x + image_size]
     return out, labels.astype(np.int64)
