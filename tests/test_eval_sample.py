@@ -14,6 +14,15 @@ from evaluation import sample as S
 N, C, B = 10, 3, 3  # 10 images, 3 classes, batches of 3 -> 4 batches (the last one short)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors on a shared 2-core CPU: one intra-op thread avoids oversubscription (~10x faster here)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class ToyNet(torch.nn.Module):
     """A fixed tiny random conv net: image = sigmoid(net(noise + class embedding)), 12x12."""
 
@@ -179,3 +188,31 @@ def test_cli_help_and_loud_errors(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="weights-inception-2015-12-05-6726825d.pth"):
         S.main(["--samples", "x.npz", "--ref", "r.npz", "--inception-weights", str(tmp_path / "none.pth"),
                 "--out", str(tmp_path)])
+
+
+def test_cli_samples_from_a_real_tiny_pipeline(tmp_path):
+    from generator import GPT
+    from pipelines import MGVQPipeline
+    from tokenizer import MGVQTokenizer
+
+    torch.manual_seed(0)
+    tok = MGVQTokenizer.from_preset("mgvq-tiny").eval()
+    gpt = GPT.from_preset("GPT-tiny", groups=tok.config.groups, codebook_size=tok.config.codebook_size, grid=8,
+                          num_classes=10, head="parallel")
+    torch.nn.init.normal_(gpt.output.weight, std=0.5)  # zero-initialised head -> give samples some variety
+    pipe = MGVQPipeline(tok, gpt.eval(), id2label=[str(i) for i in range(10)])
+    pipe.save_pretrained(str(tmp_path / "pipe"))
+    args = ["--pipeline", str(tmp_path / "pipe"), "--num-images", "5", "--batch-size", "3", "--guidance-scale", "1.5",
+            "--top-k", "64", "--seed", "10"]
+    assert S.main(args + ["--out", str(tmp_path / "a")]) == 0
+    with np.load(tmp_path / "a" / "samples.npz") as f:
+        arr, labels = f["arr_0"], f["arr_1"]
+    assert arr.shape == (5, 32, 32, 3) and labels.tolist() == [0, 1, 2, 3, 4]
+    # batch [3, 4] was made by one pipeline call seeded with seed + 3 (its first image)
+    pipe = MGVQPipeline.from_pretrained(str(tmp_path / "pipe"))
+    want = pipe([3, 4], guidance_scale=1.5, top_k=64, generator=torch.Generator().manual_seed(13), output_type="pt",
+                progress=False).images
+    np.testing.assert_array_equal(arr[3:], M.nchw_to_nhwc(M.to_uint8(want)))
+    assert json.loads((tmp_path / "a" / S.CONFIG_NAME).read_text())["guidance_scale"] == 1.5
+    assert S.main(args + ["--resize-to", "16", "--out", str(tmp_path / "b")]) == 0
+    assert M.load_npz_images(tmp_path / "b" / "samples.npz").shape == (5, 16, 16, 3)
