@@ -21,7 +21,8 @@ Reproducing LlamaGen / MGVQ-comparable numbers
     (openai/guided-diffusion/evaluations/evaluator.py) on 50,000 samples vs `VIRTUAL_imagenet256_labeled.npz`
     (ImageNet-train statistics mu/sigma + a 10k reference batch `arr_0` for precision/recall).
       1. `mgvq evaluate-generation --pipeline DIR --num-images 50000 --guidance-scale 2.0 --top-k ... --resize-to 256
-         --ref VIRTUAL_imagenet256_labeled.npz --inception-weights weights-inception-2015-12-05-6726825d.pth --out runs/eval`
+         --ref VIRTUAL_imagenet256_labeled.npz --inception-weights weights-inception-2015-12-05-6726825d.pth \
+         --out runs/eval`
          (24x24-token models generate at 384 and are resized to 256, LlamaGen-style: bicubic on the float tensor).
       2. The exact protocol: run ADM's evaluator on the written `runs/eval/samples.npz` (`arr_0`, uint8 NHWC):
          `python evaluator.py VIRTUAL_imagenet256_labeled.npz runs/eval/samples.npz`.

@@ -84,7 +84,8 @@ def frechet_distance_to_features(features, mu2, sigma2) -> float:
         return frechet_distance(*feature_statistics(f), mu2, sigma2)
     mu2, sigma2 = np.asarray(mu2, np.float64), np.asarray(sigma2, np.float64)
     if mu2.shape != (d,) or sigma2.shape != (d, d):
-        raise ValueError(f"frechet_distance_to_features: features have D={d}, reference mu {mu2.shape} sigma {sigma2.shape}")
+        raise ValueError(f"frechet_distance_to_features: features have D={d}, "
+                         f"reference mu {mu2.shape} sigma {sigma2.shape}")
     mu1 = f.mean(axis=0)
     a = (f - mu1) / np.sqrt(n - 1)
     ev = np.linalg.eigvalsh(a @ sigma2 @ a.T)
@@ -206,7 +207,8 @@ def ssim_per_image(x_uint8_nhwc, y_uint8_nhwc) -> np.ndarray:
 
     x, y = np.asarray(x_uint8_nhwc), np.asarray(y_uint8_nhwc)
     if x.dtype != np.uint8 or y.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3 or x.shape != y.shape:
-        raise ValueError(f"ssim_per_image: need two uint8 (N, H, W, 3) arrays, got {x.dtype}{x.shape}, {y.dtype}{y.shape}")
+        raise ValueError(f"ssim_per_image: need two uint8 (N, H, W, 3) arrays, "
+                         f"got {x.dtype}{x.shape}, {y.dtype}{y.shape}")
     return np.array([structural_similarity(a, b, channel_axis=-1, data_range=255) for a, b in zip(x, y)])
 
 
@@ -224,7 +226,7 @@ def nchw_to_nhwc(x: torch.Tensor) -> np.ndarray:
 
 
 def save_npz(path, images_uint8_nhwc: np.ndarray, labels: np.ndarray | None = None) -> None:
-    """Write an ADM-evaluator sample batch: `arr_0` uint8 (N, H, W, 3) (+ `arr_1` int64 labels, as ADM's samplers do)."""
+    """Write an ADM-evaluator sample batch: `arr_0` uint8 (N, H, W, 3), + `arr_1` int64 labels as ADM's samplers do."""
     images = np.asarray(images_uint8_nhwc)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"save_npz: arr_0 must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
@@ -286,7 +288,7 @@ def resize_cover_crop(img, size: tuple[int, int]):
 
 
 class ImageFolder:
-    """Sorted images of a folder as uint8 (H, W, 3) arrays; resized to cover `size` (w, h) and centre-cropped if given."""
+    """Sorted images of a folder as uint8 (H, W, 3) arrays; if `size` (w, h) is given: resize to cover, centre crop."""
 
     def __init__(self, folder, size: tuple[int, int] | None = None, max_images: int | None = None):
         self.files = list_images(folder)[:max_images]
@@ -324,7 +326,8 @@ def _missing_weights_message(path) -> str:
     return (
         f"Inception weights not found at {path}. FID/IS/precision/recall need torch-fidelity's "
         f"{INCEPTION_WEIGHTS_NAME} (FID Inception, TF 2015-12-05 graph ported to PyTorch; 95 MB). This machine is "
-        f"offline, so it is never downloaded here: copy the file from a machine with internet ({INCEPTION_WEIGHTS_URL}) "
+        f"offline, so it is never downloaded here: copy the file from a machine with internet "
+        f"({INCEPTION_WEIGHTS_URL}) "
         f"and pass its path (--inception-weights / weights_path=), or put it at {default_inception_weights_path()}."
     )
 
@@ -355,7 +358,8 @@ def save_random_inception_weights(path, seed: int = 0) -> Path:
 class InceptionFeatures:
     """pool_3 (2048) features and un-biased logits (1008) of torch-fidelity's `inception-v3-compat`.
 
-    `weights_path`: the weights file; None looks for $TORCH_HOME/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth.
+    `weights_path`: the weights file; None looks for
+    $TORCH_HOME/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth.
     A missing file raises FileNotFoundError at once (never a download attempt).
     Call with uint8 (N, 3, H, W) batches (any H, W; resized to 299 inside, like the TF graph).
     """

@@ -1,8 +1,8 @@
 """gFID evaluation: sample N class-balanced images, write PNGs + an ADM npz, compute FID / IS / precision / recall.
 
     python -m evaluation.sample --pipeline runs/pipe --num-images 50000 --batch-size 32 --guidance-scale 2.0 \\
-        --resize-to 256 --ref VIRTUAL_imagenet256_labeled.npz --inception-weights weights-inception-2015-12-05-6726825d.pth \\
-        --out runs/eval_cfg2
+        --resize-to 256 --ref VIRTUAL_imagenet256_labeled.npz \\
+        --inception-weights weights-inception-2015-12-05-6726825d.pth --out runs/eval_cfg2
     accelerate launch --num_processes 8 -m evaluation.sample ...        # same command, sharded over 8 processes
 
 Protocol (MGVQ's sample_c2i_ddp.py / LlamaGen's, see evaluation/__init__.py for comparability):
@@ -32,7 +32,8 @@ import torch.nn.functional as F
 
 from evaluation import metrics as M
 
-SampleFn = Callable[[torch.Tensor, list], torch.Tensor]  # (labels (B,) int64, seeds list[int]) -> (B, 3, H, W) in [0, 1]
+# sample_fn(labels (B,) int64, seeds list[int]) -> float (B, 3, H, W) in [0, 1]
+SampleFn = Callable[[torch.Tensor, list], torch.Tensor]
 CONFIG_NAME = "sampling_config.json"
 
 
@@ -105,7 +106,8 @@ def folder_to_npz(image_dir, num_images: int, num_classes: int, npz_path) -> np.
     for i in range(num_images):
         a = np.asarray(Image.open(image_path(image_dir, i)).convert("RGB"))
         if a.shape != first.shape:
-            raise ValueError(f"{image_path(image_dir, i)} is {a.shape}, image 0 is {first.shape}: mixed runs in one folder?")
+            raise ValueError(f"{image_path(image_dir, i)} is {a.shape}, image 0 is {first.shape}: "
+                             f"mixed runs in one folder?")
         images[i] = a
     M.save_npz(npz_path, images, labels=np.arange(num_images) % num_classes)
     return images
@@ -121,7 +123,8 @@ class _Dist:
 
             state = PartialState(**({} if torch.cuda.is_available() else {"backend": "gloo"}))
             self.rank, self.world_size = state.process_index, state.num_processes
-        self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+        cuda = torch.cuda.is_available()
+        self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
         if self.world_size > 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             raise RuntimeError(f"WORLD_SIZE={self.world_size} but no torch.distributed process group was initialised")
 
@@ -242,7 +245,8 @@ def _parser() -> argparse.ArgumentParser:
                "  mgvq evaluate-generation --pipeline runs/demo/pipeline --num-images 100 --batch-size 50 \\\n"
                "      --ref data/fmnist_ref_pngs --inception-weights inc.pth --out runs/demo/eval\n"
                "  # evaluate an existing ADM npz (e.g. a released sample file) without sampling\n"
-               "  mgvq evaluate-generation --samples GPT_XXL_300ep_topk_12.npz --ref VIRTUAL_imagenet256_labeled.npz \\\n"
+               "  mgvq evaluate-generation --samples GPT_XXL_300ep_topk_12.npz \\\n"
+               "      --ref VIRTUAL_imagenet256_labeled.npz \\\n"
                "      --inception-weights weights-inception-2015-12-05-6726825d.pth --out runs/eval_released\n"
                "Outputs in --out: images/NNNNNN.png, samples.npz (arr_0 uint8 NHWC), metrics.json.\n"
                "For paper-comparable numbers also run ADM's evaluator on samples.npz (see evaluation/__init__.py).")
@@ -257,7 +261,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, help="top-k as the pipeline defines it (default: the pipeline's)")
     p.add_argument("--top-p", type=float, help="nucleus top-p (default: the pipeline's)")
     p.add_argument("--cfg-interval", type=int, help="CFG interval (default: the pipeline's)")
-    p.add_argument("--seed", type=int, default=0, help="base seed; image i uses seed+i (its batch: seed of its first image)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="base seed; image i has seed+i (a batch is sampled with its first image's seed)")
     p.add_argument("--resize-to", type=int, help="resize samples to this size, bicubic on the float tensor (e.g. 256)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="generator dtype")
     p.add_argument("--ref", help="reference: ADM npz (mu/sigma and/or arr_0) or an image folder; omit to only sample")
@@ -289,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
                                       top_p=args.top_p, cfg_interval=args.cfg_interval).items() if v is not None}
         d = pipe.defaults.__dict__
         config = {"pipeline": str(Path(args.pipeline).resolve()), "dtype": args.dtype,
-                  **{k: kw.get(k, d.get(k)) for k in ("guidance_scale", "temperature", "top_k", "top_p", "cfg_interval")}}
+                  **{k: kw.get(k, d.get(k))
+                     for k in ("guidance_scale", "temperature", "top_k", "top_p", "cfg_interval")}}
         if dist.rank == 0:
             print(f"sampling {args.num_images} images, {num_classes} classes, {dist.world_size} process(es): "
                   f"{json.dumps(config)}", flush=True)

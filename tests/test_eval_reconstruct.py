@@ -132,7 +132,8 @@ def test_cli_with_a_real_tiny_tokenizer(photo_dir, tmp_path, monkeypatch, capsys
     monkeypatch.setenv("MGVQ_LPIPS_DIR", str(tmp_path / "no_lpips"))  # LPIPS weights absent -> skipped with a note
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # no Inception weights -> rFID skipped
     assert R.main(["--tokenizer", str(tmp_path / "tok"), "--data", str(photo_dir), "--resolution", "32",
-                   "--max-images", "3", "--batch-size", "2", "--num-examples", "1", "--out", str(tmp_path / "out")]) == 0
+                   "--max-images", "3", "--batch-size", "2", "--num-examples", "1",
+                   "--out", str(tmp_path / "out")]) == 0
     res = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert res["num_images"] == 3 and res["groups"] == tok.config.groups and res["rfid"] is None
     assert len(res["codebook_usage"]) == tok.config.groups
