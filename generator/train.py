@@ -809,6 +809,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="YAML with TrainConfig fields (configs/generator/*.yaml)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="device peak TFLOP/s for the MFU estimate (H100/H200 bf16 dense: 989, A100: 312)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=2e-4 max_steps=100 model_args.dim=512")
     args = p.parse_intermixed_args(argv)  # key=value may come before or after the flags
