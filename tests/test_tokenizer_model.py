@@ -59,8 +59,8 @@ def test_training_forward_masks_and_gradients_reach_encoder():
     assert tok.quantize.embedding.weight.grad.abs().sum() > 0
     assert tok.decoder.conv_out.weight.grad.abs().sum() > 0
     torch.manual_seed(0)
-    ks = {tok(x).keep_groups for _ in range(30)}  # nested masking is on in the preset
-    assert ks - {4} and 4 in ks
+    ks = {tok.quantize.sample_keep_groups() for _ in range(100)}  # nested masking is on in the preset
+    assert ks == {1, 2, 3, 4}
 
 
 def test_tiny_model_learns():
@@ -70,7 +70,7 @@ def test_tiny_model_learns():
     x = torch.nn.functional.avg_pool2d(x, 4).repeat_interleave(4, -1).repeat_interleave(4, -2)  # learnable blocks
     opt = torch.optim.Adam(tok.parameters(), lr=2e-3)
     losses = []
-    for _ in range(40):
+    for _ in range(30):
         out = tok(x)
         rec = (out.recon - x).pow(2).mean()
         (rec + out.vq_loss.sum() + out.commit_loss.sum()).backward()
@@ -88,7 +88,7 @@ def test_save_load_round_trip(tmp_path):
     tok.save_pretrained(tmp_path / "tok")
     assert (tmp_path / "tok" / "model.safetensors").exists()
     cfg = json.loads((tmp_path / "tok" / "config.json").read_text())
-    assert cfg["groups"] == 4 and cfg["vqgan"]["ch_mult"] == [1, 2, 2]
+    assert cfg["groups"] == 4 and cfg["vqgan"]["ch_mult"] == [1, 2, 4]
     tok2 = MGVQTokenizer.from_pretrained(str(tmp_path / "tok"))
     assert not tok2.training and tok2.config == tok.config
     x = torch.rand(2, 3, 32, 32) * 2 - 1
@@ -130,9 +130,9 @@ def test_preset_parameter_counts_on_meta():
 
 
 def test_overrides():
-    cfg = preset_config("mgvq-tiny", **{"vqgan.ch": 16, "codebook_size": 64, "vqgan": {"num_res_blocks": 2}})
-    assert cfg.vqgan.ch == 16 and cfg.vqgan.num_res_blocks == 2 and cfg.codebook_size == 64
-    assert cfg.vqgan.ch_mult == (1, 2, 2)  # untouched fields kept
+    cfg = preset_config("mgvq-tiny", **{"vqgan.ch": 8, "codebook_size": 64, "vqgan": {"num_res_blocks": 2}})
+    assert cfg.vqgan.ch == 8 and cfg.vqgan.num_res_blocks == 2 and cfg.codebook_size == 64
+    assert cfg.vqgan.ch_mult == (1, 2, 4)  # untouched fields kept
     assert TokenizerConfig.from_dict(cfg.to_dict()) == cfg
 
 
