@@ -5,6 +5,7 @@
     mgvq train-generator --config configs/generator/tiny.yaml
     mgvq sample --pipeline runs/pipe --labels 0 1 2 --out samples.png
     mgvq evaluate-tokenizer ... | mgvq evaluate-generation ...
+    mgvq compare --pipeline llamagen=DIR --pipeline mgvq=DIR --ref REF.npz --out runs/compare
     mgvq convert --from {llamagen-vq,llamagen-gpt,mgvq-tokenizer,mgvq-gpt} CHECKPOINT OUT_DIR [key=value ...]
     mgvq demo [--quick]
 
@@ -22,6 +23,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "sample": ("pipelines.sample", "sample images from a saved pipeline"),
     "evaluate-tokenizer": ("evaluation.reconstruct", "rFID / PSNR / SSIM / LPIPS of a tokenizer"),
     "evaluate-generation": ("evaluation.sample", "sample N images and compute gFID / IS / precision / recall"),
+    "compare": ("evaluation.compare", "evaluate several pipelines (e.g. LlamaGen vs MGVQ) with one sampler + evaluator"),
     "convert": ("pipelines.convert", "convert LlamaGen / MGVQ checkpoints to this project's folders"),
     "demo": ("pipelines.demo", "the embedded default: whole system on Fashion-MNIST on a CPU"),
 }

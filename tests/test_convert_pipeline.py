@@ -72,8 +72,9 @@ def test_convert_rejects_unknown_kind():
         mgvq(["convert", "--from", "vqgan-taming", "a", "b"])
 
 
-def test_released_mgvq_pair_through_cli(tmp_path):
-    """MGVQ's DC-AE tokenizer + AR-head GPT (reference fixtures) -> pipeline: tokens and decoded images exact."""
+@pytest.fixture(scope="module")
+def mgvq_pipeline(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("mgvq")
     tok_ckpt = _state_dict_file("mgvq_tokenizer", tmp_path, "pt")
     gpt_ckpt = _state_dict_file("mgvq_gpt", tmp_path, "pt")
     assert mgvq(["convert", "--from", "mgvq-tokenizer", str(tok_ckpt), str(tmp_path / "tok"), "image_size=64"]) == 0
@@ -81,11 +82,44 @@ def test_released_mgvq_pair_through_cli(tmp_path):
                  "--tokenizer", str(tmp_path / "tok"), "n_head=4", "grid=4"]) == 0
     assert mgvq(["convert", "--from", "pipeline", str(tmp_path / "tok"), str(tmp_path / "gpt"), str(tmp_path / "pipe"),
                  "top_k=1"]) == 0
+    return tmp_path / "pipe"
+
+
+def test_released_mgvq_pair_through_cli(mgvq_pipeline):
+    """MGVQ's DC-AE tokenizer + AR-head GPT (reference fixtures) -> pipeline: tokens and decoded images exact."""
     ref = load_file(FIX / "mgvq_gpt.safetensors")
-    pipe = MGVQPipeline.from_pretrained(str(tmp_path / "pipe"))
+    pipe = MGVQPipeline.from_pretrained(str(mgvq_pipeline))
     assert pipe.generator.config.head == "ar" and pipe.tokenizer.config.groups == 4
     for scale, key in [(2.0, "gen_cfg2"), (1.0, "gen_cfg1")]:
         out = pipe(ref["gen_labels"].tolist(), guidance_scale=scale, output_type="pt", progress=False)
         assert torch.equal(out.codes.reshape(2, 16, 4), ref[f"{key}_tokens"]), scale
         want = ((ref[f"{key}_images"] + 1) / 2).clamp(0, 1)  # the pipeline returns [0, 1] images
         torch.testing.assert_close(out.images, want, atol=1e-4, rtol=1e-4)
+
+
+def test_compare_llamagen_and_mgvq_in_one_table(llamagen_pipeline, mgvq_pipeline, tmp_path, capsys):
+    """`mgvq compare`: same settings/seeds/evaluator for both pipelines, one table; each row equals a separate run."""
+    import numpy as np
+
+    from evaluation import metrics as M
+    from evaluation import sample as S
+
+    inc = M.save_random_inception_weights(tmp_path / "inc.pth", seed=0)
+    ref = tmp_path / "ref.npz"
+    M.save_npz(ref, np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8))
+    common = ["--num-images", "4", "--batch-size", "2", "--guidance-scale", "1.5", "--top-k", "5", "--seed", "3",
+              "--ref", str(ref), "--inception-weights", str(inc)]
+    assert mgvq(["compare", "--pipeline", f"llamagen={llamagen_pipeline}", "--pipeline", f"mgvq={mgvq_pipeline}",
+                 "--out", str(tmp_path / "cmp"), *common]) == 0
+    table = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert list(table["results"]) == ["llamagen", "mgvq"]
+    assert table["settings"]["guidance_scale"] == 1.5 and table["settings"]["top_k"] == 5
+    printed = capsys.readouterr().out
+    assert "llamagen" in printed and "mgvq" in printed and "fid" in printed
+    # the row for mgvq equals a stand-alone evaluate-generation run with the same options
+    assert S.main(["--pipeline", str(mgvq_pipeline), "--out", str(tmp_path / "solo"), *common]) == 0
+    solo = json.loads((tmp_path / "solo" / "metrics.json").read_text())
+    row = table["results"]["mgvq"]
+    assert row["num_images"] == 4 and row["fid"] == pytest.approx(solo["fid"], rel=1e-6)
+    assert row["inception_score"] == pytest.approx(solo["inception_score"], rel=1e-6)
+    assert table["results"]["llamagen"]["fid"] != pytest.approx(row["fid"])
