@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from pipelines import MGVQPipeline
 from pipelines.cli import main as mgvq
 
-FIX = Path(os.environ.get("MGVQ_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared")) / "fixtures" / "reference"
+from _paths import FIXTURES as FIX
 pytestmark = pytest.mark.skipif(not (FIX / "llamagen_gpt.safetensors").exists(), reason=f"no reference fixtures at {FIX}")
 
 

@@ -12,7 +12,7 @@ from tokenizer.convert_mgvq import _usage_window, convert_mgvq_tokenizer, infer_
 from tokenizer.dcae import RELEASED_PRESETS, DCAEConfig, DCAEDecoder, DCAEEncoder, LiteMLA, RMSNorm2d
 from tokenizer.model import MGVQTokenizer
 
-FIXTURES = Path("/work/shared/fixtures/reference")
+from _paths import FIXTURES
 TOL = dict(atol=1e-4, rtol=1e-4)
 
 

@@ -9,7 +9,9 @@ from safetensors.torch import load_file, save_file
 from generator import GPT, generate
 from generator.convert import convert_llamagen_gpt, convert_mgvq_gpt, main, unwrap_state_dict
 
-FIX = "/work/shared/fixtures/reference"
+from _paths import FIXTURES
+
+FIX = str(FIXTURES)
 pytestmark = pytest.mark.skipif(not os.path.isdir(FIX), reason="reference fixtures not available")
 TOL = dict(atol=1e-4, rtol=1e-4)
 
