@@ -254,10 +254,11 @@ def train(cfg: TrainConfig) -> dict:
         raise ValueError(f"image_size {image_size} is not a multiple of the model's downsample factor "
                          f"{tcfg.downsample}")
     loss_cfg = cfg.loss_config()
-    loss_fn = TokenizerLoss(loss_cfg, cfg.lpips_dir).to(device)
-    dataset = build_dataset(cfg.data, image_size, train=True, split=cfg.data_split, augmentation=cfg.augmentation,
-                            path=cfg.data_path, image_column=cfg.image_column, label_column=cfg.label_column,
-                            num_crops=cfg.num_crops, seed=cfg.seed)
+    with acc.main_process_first():  # one process fetches LPIPS weights / Fashion-MNIST if missing, the rest reuse
+        loss_fn = TokenizerLoss(loss_cfg, cfg.lpips_dir).to(device)
+        dataset = build_dataset(cfg.data, image_size, train=True, split=cfg.data_split,
+                                augmentation=cfg.augmentation, path=cfg.data_path, image_column=cfg.image_column,
+                                label_column=cfg.label_column, num_crops=cfg.num_crops, seed=cfg.seed)
     steps_per_epoch = len(dataset) // (cfg.batch_size * acc.num_processes)
     if steps_per_epoch < 1:
         raise ValueError(f"dataset {cfg.data!r} has {len(dataset)} images, fewer than one global batch "
@@ -292,6 +293,10 @@ def train(cfg: TrainConfig) -> dict:
     if resume_from is not None:
         acc.load_state(str(resume_from))
         acc.print(f"resumed from {resume_from} at step {state.step}")
+        if main and (out / "metrics.jsonl").exists():  # drop lines logged after the checkpoint (a crashed run)
+            lines = (out / "metrics.jsonl").read_text().splitlines()
+            kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= state.step]
+            (out / "metrics.jsonl").write_text("".join(ln + "\n" for ln in kept))
 
     sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, cfg.seed, acc.process_index, acc.num_processes,
                                     start_step=state.step)
