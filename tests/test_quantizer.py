@@ -112,9 +112,9 @@ def test_nested_masking_frequencies_match_schedule():
     torch.testing.assert_close(freq, torch.tensor([0.2, 0.1, 0.1, 0.6]), atol=0.02, rtol=0)
     # forward draws ONE k per batch from the same schedule
     z = torch.randn(2, 32, 2, 2)
-    ks = torch.tensor([q(z).keep_groups for _ in range(1000)])
+    ks = torch.tensor([q(z).keep_groups for _ in range(400)])
     freq = torch.bincount(ks, minlength=5)[1:].float() / len(ks)
-    torch.testing.assert_close(freq, torch.tensor([0.2, 0.1, 0.1, 0.6]), atol=0.06, rtol=0)
+    torch.testing.assert_close(freq, torch.tensor([0.2, 0.1, 0.1, 0.6]), atol=0.08, rtol=0)
     # no masking in eval, without a schedule, or with G = 1
     assert q.eval()(z).keep_groups == 4
     assert MultiGroupQuantizer(32, 4, 8).train()(z).keep_groups == 4
