@@ -120,17 +120,18 @@ def test_help_shows_example(capsys):
 
 
 def test_data_order_partition_and_lr():
-    # 2 ranks x accum 2 x 4 = global 16: each global step is a disjoint block of the epoch permutation
+    # global batch 16 = 2 ranks x 4 x accum 2 = 1 rank x 8 x accum 2: every global step is the same block of items
     n, steps = 40, 5
     per_rank = [list(StepBatches(n, 16, 4, 2, r, 7, 0, steps)) for r in range(2)]
     single = list(StepBatches(n, 16, 8, 1, 0, 7, 0, steps))
+    step_items = lambda mbs, s: sorted(i for b in mbs[2 * s:2 * s + 2] for _, i in b)  # noqa: E731
     for s in range(steps):
-        got = sorted(i for r in range(2) for b in per_rank[r][2 * s:2 * s + 2] for _, i in b)
-        assert got == sorted(i for _, i in single[s])  # same items per global step, any world size
-    epoch0 = [i for s in range(2) for _, i in single[s]]
-    assert len(set(epoch0)) == 32 and {e for e, _ in single[2]} == {1}  # 2 steps/epoch, drop-last
-    resumed = list(StepBatches(n, 16, 8, 1, 0, 7, 3, steps))
-    assert resumed == single[3:]
+        assert step_items(per_rank[0], s) + step_items(per_rank[1], s) != []
+        assert sorted(step_items(per_rank[0], s) + step_items(per_rank[1], s)) == step_items(single, s)
+        assert not set(step_items(per_rank[0], s)) & set(step_items(per_rank[1], s))
+    epoch0 = [i for s in range(2) for i in step_items(single, s)]
+    assert len(set(epoch0)) == 32 and {e for b in single[4:6] for e, _ in b} == {1}  # 2 steps/epoch, drop-last
+    assert list(StepBatches(n, 16, 8, 1, 0, 7, 3, steps)) == single[6:]  # resuming at step 3
     cfg = load_config(None, ["lr=1e-3", "warmup_steps=10", "lr_schedule=cosine", "min_lr=1e-4"])
     assert lr_at(cfg, 0, 110) == pytest.approx(1e-4) and lr_at(cfg, 9, 110) == pytest.approx(1e-3)
     assert lr_at(cfg, 60, 110) == pytest.approx(0.5 * (1e-3 + 1e-4)) and lr_at(cfg, 110, 110) == pytest.approx(1e-4)
@@ -246,5 +247,5 @@ def test_sigkill_resume_equals_uninterrupted(tmp_path):
 
 def test_bench_runs_on_cpu():
     out = run([sys.executable, "bench/gpu_train.py", "--preset", "GPT-tiny", "--device", "cpu", "--steps", "2",
-               "--batch-sizes", "2", "--groups", "2", "--codebook-size", "64", "--grid", "8"])
-    assert "tokens/s" in out and "GPT-tiny" in out and "ZeRO-2" in out
+               "--batch-sizes", "2", "--grad-checkpointing", "on", "--groups", "2", "--codebook-size", "64", "--grid", "8"])
+    assert "tokens/s" in out and "GPT-tiny" in out and "ZeRO-2" in out and "| 2 | on |" in out
