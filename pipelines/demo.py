@@ -1,0 +1,517 @@
+"""`mgvq demo`: the whole system on Fashion-MNIST (32x32 RGB, 10 classes) on a CPU, end to end, into one folder.
+
+    mgvq demo                       # default run (about 15 minutes on 2 CPU cores), writes runs/demo/
+    mgvq demo --quick --out /tmp/d  # smoke run (under 2 minutes): fewer steps, a subset of the data
+    python -m pipelines.demo ...    # same thing
+
+Stages (each through its module's Python API; a rerun into the same --out reuses every stage whose settings did not
+change, so an interrupted demo continues where it stopped):
+  1. classifier   pipelines.classifier: a small CNN trained on the real training split (evaluation yardstick)
+  2. tokenizer    tokenizer.train: MGVQ tokenizer (G=4 sub-codebooks, C=32, f4 -> 8x8 grid of 4 sub-tokens)
+  3. codes        tokenizer.cache_codes: every training image's sub-token indices -> Parquet shards + meta.json
+  4. generator    generator.train: class-conditional GPT with G parallel per-group heads
+  5. pipeline     MGVQPipeline.save_pretrained(<out>/pipeline) (reload with MGVQPipeline.from_pretrained)
+  6. evaluation   tokenizer PSNR / SSIM / codebook usage / PSNR per number of groups on the test split; samples for
+                  every class with and without CFG scored by the classifier (conditional accuracy, classifier FD)
+
+Outputs in --out: metrics.json, README.md, samples_grid.png (one row per class), reconstructions.png (originals,
+then decodes from 1..G groups), loss_curves.png, classifier/, tokenizer/, codes/, generator/, pipeline/.
+
+Honesty note: FID needs Inception weights that are not available offline. "classifier FD" is a Fréchet distance in
+the penultimate feature space of the small Fashion-MNIST classifier; it is comparable only within this demo (the
+metrics also give real-vs-real and reconstruction-vs-real FDs in the same space as reference points).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# ---- settings --------------------------------------------------------------------------------------------------------
+# Default: fits about 15 minutes on 2 CPU cores. Quick: a smoke test of every stage (under 2 minutes).
+PROFILES: dict[str, dict] = {
+    "default": dict(
+        num_train=None, num_test=None,  # None: all 60000 / 10000 images
+        clf_steps=600, clf_batch=128,
+        tok_steps=1500, tok_batch=32, tok_lr=1e-3,
+        tok_overrides={"vqgan.ch": 16, "vqgan.ch_mult": [1, 2, 2], "vqgan.num_res_blocks": 1,
+                       "vqgan.z_channels": 32, "vqgan.norm_groups": 8},
+        cache_limit=None,
+        gen_steps=1200, gen_batch=64, gen_lr=2e-3, gen_warmup=50,
+        gen_args={"dim": 128, "n_layer": 4, "n_head": 4},
+        guidance_scale=3.0, eval_per_class=50, tok_eval=2000, grid_cols=10,
+    ),
+    "quick": dict(
+        num_train=2000, num_test=500,
+        clf_steps=15, clf_batch=32,
+        tok_steps=8, tok_batch=8, tok_lr=1e-3,
+        tok_overrides={"vqgan.ch": 8, "vqgan.ch_mult": [1, 2, 2], "vqgan.num_res_blocks": 1,
+                       "vqgan.z_channels": 16, "vqgan.norm_groups": 4},
+        cache_limit=256,
+        gen_steps=8, gen_batch=16, gen_lr=2e-3, gen_warmup=0,
+        gen_args={"dim": 32, "n_layer": 1, "n_head": 2},
+        guidance_scale=3.0, eval_per_class=3, tok_eval=48, grid_cols=3,
+    ),
+}
+STAGE_FILE = "demo_stage.json"
+
+
+def _log(msg: str) -> None:
+    print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---- data ------------------------------------------------------------------------------------------------------------
+def find_data(data_dir: str | None) -> Path:
+    """The Fashion-MNIST folder: --data-dir, else the Debian package's folder, else the cache (downloaded if online)."""
+    from tokenizer.data import find_fashion_mnist
+
+    try:
+        return find_fashion_mnist(data_dir, download=True)
+    except FileNotFoundError as e:
+        raise SystemExit(f"mgvq demo: {e}\nInstall it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), "
+                         f"or pass --data-dir DIR holding train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+                         f"t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz") from None
+
+
+def resize_32(images: np.ndarray, size: int = 32) -> np.ndarray:
+    """uint8 (N, 28, 28) -> uint8 (N, size, size), PIL bicubic (the same resize as tokenizer.data's "resize")."""
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.fromarray(a).resize((size, size), resample=Image.BICUBIC)) for a in images])
+
+
+def load_split(path: Path, split: str, limit: int | None, size: int = 32):
+    from tokenizer.data import load_fashion_mnist
+
+    x, y, names = load_fashion_mnist(split, path, download=False)
+    if limit is not None:
+        x, y = x[:limit], y[:limit]
+    return resize_32(x, size), y, names
+
+
+def to_model(x_uint8: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W) greyscale -> float (N, 3, H, W) in [-1, 1] (greyscale as RGB, what the tokenizer sees)."""
+    t = torch.from_numpy(np.ascontiguousarray(x_uint8)).float().div(127.5).sub(1.0)
+    return t[:, None].expand(-1, 3, -1, -1).contiguous()
+
+
+# ---- stage bookkeeping -----------------------------------------------------------------------------------------------
+def stage_done(folder: Path, settings: dict, needs: list[str]) -> bool:
+    """True when `folder` holds a finished stage with exactly these settings; otherwise the folder is cleared."""
+    marker = folder / STAGE_FILE
+    if marker.is_file() and all((folder / n).exists() for n in needs):
+        with open(marker) as f:
+            if json.load(f) == json.loads(json.dumps(settings)):
+                return True
+    if folder.exists():
+        shutil.rmtree(folder)
+    return False
+
+
+def mark_done(folder: Path, settings: dict) -> None:
+    with open(folder / STAGE_FILE, "w") as f:
+        json.dump(settings, f, indent=2)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path) as f:
+        return [json.loads(ln) for ln in f if ln.strip()]
+
+
+# ---- stages ----------------------------------------------------------------------------------------------------------
+def train_tokenizer(out: Path, data_path: Path, p: dict, seed: int) -> Path:
+    from tokenizer.train import TrainConfig, train
+
+    folder = out / "tokenizer"
+    settings = {"steps": p["tok_steps"], "batch": p["tok_batch"], "lr": p["tok_lr"], "overrides": p["tok_overrides"],
+                "seed": seed, "data": str(data_path)}
+    if stage_done(folder, settings, ["final/model.safetensors"]):
+        _log(f"tokenizer: reusing {folder / 'final'}")
+        return folder / "final"
+    cfg = TrainConfig(model="mgvq-tiny", model_overrides=dict(p["tok_overrides"]), data="fashion-mnist",
+                      data_path=str(data_path), data_split="train", image_size=32, batch_size=p["tok_batch"],
+                      steps=p["tok_steps"], lr=p["tok_lr"], weight_decay=0.0,
+                      loss={"perceptual_weight": 0.0, "disc_weight": 0.0},  # LPIPS / GAN cost more than they give at 32px
+                      mixed_precision="no", out_dir=str(folder), log_every=10,
+                      sample_every=max(p["tok_steps"] // 3, 1), save_every=p["tok_steps"], keep_checkpoints=1,
+                      resume=None, seed=seed)
+    train(cfg)
+    shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # only final/ is needed downstream
+    mark_done(folder, settings)
+    return folder / "final"
+
+
+def cache_codes(out: Path, tok_dir: Path, data_path: Path, p: dict) -> Path:
+    from tokenizer import cache_codes as cc
+
+    folder = out / "codes"
+    settings = {"tokenizer": cc.sha256_file(str(tok_dir / "model.safetensors")), "limit": p["cache_limit"],
+                "data": str(data_path)}
+    if stage_done(folder, settings, ["meta.json"]):
+        _log(f"codes: reusing {folder}")
+        return folder
+    argv = ["--tokenizer", str(tok_dir), "--data", "fashion-mnist", "--split", "train", "--out", str(folder),
+            "--batch-size", "256", "--num-workers", "0", "--shard-size", "8192"]
+    if p["cache_limit"] is not None:
+        argv += ["--limit", str(p["cache_limit"])]
+    # cache_codes looks for Fashion-MNIST in the Debian folder, then $MGVQ_DATA_DIR/fashion-mnist: when the data is
+    # only at --data-dir, point the latter there for the duration of the call
+    env_old, link_root = os.environ.get("MGVQ_DATA_DIR"), None
+    if _default_data() is None:
+        link_root = out / ".data-link"
+        link_root.mkdir(parents=True, exist_ok=True)
+        (link_root / "fashion-mnist").symlink_to(Path(data_path).resolve(), target_is_directory=True)
+        os.environ["MGVQ_DATA_DIR"] = str(link_root)
+    try:
+        cc.main(argv)
+    finally:
+        if link_root is not None:
+            if env_old is None:
+                os.environ.pop("MGVQ_DATA_DIR", None)
+            else:
+                os.environ["MGVQ_DATA_DIR"] = env_old
+            shutil.rmtree(link_root, ignore_errors=True)
+    mark_done(folder, settings)
+    return folder
+
+
+def _default_data() -> Path | None:
+    from tokenizer.data import find_fashion_mnist
+
+    try:
+        return find_fashion_mnist(None, download=False)
+    except FileNotFoundError:
+        return None
+
+
+def train_generator(out: Path, codes_dir: Path, tok, p: dict, seed: int) -> Path:
+    from generator.train import TrainConfig, train
+
+    folder = out / "generator"
+    with open(codes_dir / "meta.json") as f:
+        codes_sha = json.load(f)["tokenizer"]["weights_sha256"]
+    settings = {"steps": p["gen_steps"], "batch": p["gen_batch"], "lr": p["gen_lr"], "args": p["gen_args"],
+                "seed": seed, "codes": codes_sha}
+    if stage_done(folder, settings, ["final/model.safetensors"]):
+        _log(f"generator: reusing {folder / 'final'}")
+        return folder / "final"
+    model_args = {**p["gen_args"], "head": "parallel", "token_dropout_p": 0.0, "resid_dropout_p": 0.0,
+                  "ffn_dropout_p": 0.0, "class_dropout_prob": 0.1}
+    cfg = TrainConfig(model="GPT-tiny", model_args=model_args, data=str(codes_dir), view="random", num_workers=0,
+                      global_batch_size=p["gen_batch"], batch_size=p["gen_batch"], lr=p["gen_lr"],
+                      lr_schedule="cosine", warmup_steps=p["gen_warmup"], min_lr=p["gen_lr"] * 0.05,
+                      weight_decay=0.05, max_steps=p["gen_steps"], precision="fp32", out=str(folder),
+                      resume="none", ckpt_every=p["gen_steps"], keep_last=1, log_every=10, sample_every=0,
+                      sample_classes=list(range(10)), sample_cfg_scale=p["guidance_scale"], seed=seed)
+
+    @torch.no_grad()
+    def decode_fn(codes):
+        return tok.decode(codes.cpu())
+
+    train(cfg, decode_fn=decode_fn)
+    shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+    mark_done(folder, settings)
+    return folder / "final"
+
+
+# ---- evaluation ------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_tokenizer(tok, x_uint8: np.ndarray, batch: int = 250) -> tuple[dict, dict]:
+    """Test-set PSNR (both conventions) / SSIM, per-group codebook usage + perplexity, PSNR per groups_to_use."""
+    from tqdm.auto import tqdm
+
+    from evaluation.metrics import psnr_mean_of_images, psnr_of_mean_mse, ssim_per_image
+
+    G, K = tok.config.groups, tok.config.codebook_size
+    real01 = torch.from_numpy(x_uint8).float()[:, None].div(255).expand(-1, 3, -1, -1)
+    counts = torch.zeros(G, K, dtype=torch.long)
+    recons = {k: [] for k in range(1, G + 1)}
+    for i in tqdm(range(0, len(x_uint8), batch), desc="tokenizer eval", mininterval=1.0):
+        x = to_model(x_uint8[i:i + batch])
+        idx = tok.encode(x)  # (B, h, w, G)
+        for g in range(G):
+            counts[g] += torch.bincount(idx[..., g].flatten(), minlength=K)
+        for k in range(1, G + 1):
+            recons[k].append(((tok.decode(idx, groups_to_use=k) + 1) / 2).clamp(0, 1))
+    recons = {k: torch.cat(v) for k, v in recons.items()}
+    full = recons[G]
+    probs = counts.float() / counts.sum(1, keepdim=True)
+    perplexity = torch.exp(-(probs * probs.clamp_min(1e-12).log()).sum(1))
+    u8 = lambda t: (t * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # noqa: E731
+    m = {
+        "num_images": int(len(x_uint8)),
+        "psnr": psnr_mean_of_images(full.numpy(), real01.numpy()),
+        "psnr_of_mean_mse": psnr_of_mean_mse(full.numpy(), real01.numpy()),
+        "ssim": float(ssim_per_image(u8(full), u8(real01)).mean()),
+        "codebook_usage": [float((c > 0).float().mean()) for c in counts],
+        "codebook_perplexity": [float(v) for v in perplexity],
+        "psnr_by_groups_to_use": {str(k): psnr_mean_of_images(recons[k].numpy(), real01.numpy())
+                                  for k in range(1, G + 1)},
+    }
+    return m, recons
+
+
+def save_grid(images01: torch.Tensor, path: Path, ncol: int, pad: int = 2, scale: int = 1) -> tuple[int, int]:
+    """(N, 3, H, W) in [0, 1] -> PNG with `ncol` columns, `pad` px white padding; returns (width, height)."""
+    from PIL import Image
+
+    n, _, h, w = images01.shape
+    nrow = math.ceil(n / ncol)
+    canvas = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, np.uint8)
+    arr = (images01.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    for i, a in enumerate(arr):
+        r, c = divmod(i, ncol)
+        canvas[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = a
+    img = Image.fromarray(canvas)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), resample=Image.NEAREST)
+    img.save(path)
+    return img.size
+
+
+def plot_losses(path: Path, clf_losses: list[float], tok_log: list[dict], gen_log: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 4, figsize=(18, 3.8))
+    if clf_losses:
+        ax[0].plot(np.arange(1, len(clf_losses) + 1), clf_losses, lw=0.6, alpha=0.5, label="per step")
+        k = max(len(clf_losses) // 30, 1)
+        sm = np.convolve(clf_losses, np.ones(k) / k, mode="valid")
+        ax[0].plot(np.arange(k, len(clf_losses) + 1), sm, lw=1.5, label=f"mean of {k}")
+        ax[0].legend()
+    ax[0].set(title="classifier cross-entropy", xlabel="step", yscale="log")
+    if tok_log:
+        s = [r["step"] for r in tok_log]
+        for key in ("total", "l2", "charbonnier", "vq", "commit"):
+            if key in tok_log[0]:
+                ax[1].plot(s, [r[key] for r in tok_log], label=key)
+        ax[1].legend()
+        ax[2].plot(s, [r["psnr"] for r in tok_log], label="train batch PSNR (nested-masked)")
+        ax[2].legend()
+    ax[1].set(title="tokenizer losses", xlabel="step", yscale="log")
+    ax[2].set(title="tokenizer PSNR (dB)", xlabel="step")
+    if gen_log:
+        s = [r["step"] for r in gen_log]
+        ax[3].plot(s, [r["loss"] for r in gen_log], lw=2, label="mean")
+        for g in range(len(gen_log[0]["group_losses"])):
+            ax[3].plot(s, [r["group_losses"][g] for r in gen_log], lw=0.8, label=f"group {g}")
+        ax[3].legend()
+    ax[3].set(title="generator cross-entropy (nats)", xlabel="step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_readme(out: Path, metrics: dict) -> None:
+    t, g, c = metrics["tokenizer"], metrics["generation"], metrics["classifier"]
+    names = metrics["class_names"]
+    lines = [
+        "# mgvq demo: Fashion-MNIST 32x32, end to end on a CPU", "",
+        f"Profile `{metrics['profile']}`, seed {metrics['seed']}, total {metrics['timings_s']['total']:.0f} s "
+        f"({', '.join(f'{k} {v:.0f} s' for k, v in metrics['timings_s'].items() if k != 'total')}).", "",
+        "## Files",
+        "- `samples_grid.png`: class-conditional samples, one row per class (top to bottom): "
+        + ", ".join(f"{i} {n}" for i, n in enumerate(names)) + f"; CFG scale {g['guidance_scale']}",
+        "- `reconstructions.png`: row 1 test originals, rows 2.. decodes from the first 1, 2, ..., G groups",
+        "- `loss_curves.png`, `metrics.json`, `pipeline/` (`MGVQPipeline.from_pretrained`)", "",
+        "## Numbers",
+        f"- tokenizer (test, {t['num_images']} images): PSNR {t['psnr']:.2f} dB, SSIM {t['ssim']:.3f}, "
+        f"PSNR by groups used: " + ", ".join(f"{k}: {v:.2f}" for k, v in t["psnr_by_groups_to_use"].items())
+        + f"; codebook usage per group {[round(u, 3) for u in t['codebook_usage']]}",
+        f"- classifier (small CNN, test accuracy {c['test_accuracy']:.4f}) on {g['num_samples']} samples "
+        f"({g['per_class']} per class):",
+        f"  - conditional accuracy: {g['cond_accuracy_cfg']:.3f} with CFG {g['guidance_scale']}, "
+        f"{g['cond_accuracy_no_cfg']:.3f} without (guidance 1.0)",
+        f"  - classifier FD (lower is better): {g['classifier_fd_cfg']:.2f} with CFG, {g['classifier_fd_no_cfg']:.2f} "
+        f"without; references: real train vs real test {g['classifier_fd_real_vs_real']:.2f}, tokenizer "
+        f"reconstructions vs real test {g['classifier_fd_recon_vs_real']:.2f}",
+        "", "FID is not reported: its Inception weights are not available offline. The classifier FD is comparable "
+        "only inside this demo.", "",
+        "```python",
+        "from pipelines import MGVQPipeline",
+        f"pipe = MGVQPipeline.from_pretrained({str(out / 'pipeline')!r})",
+        "images = pipe(['Sneaker', 'Bag'], num_images_per_label=4).images  # PIL images",
+        "```", ""]
+    (out / "README.md").write_text("\n".join(lines))
+
+
+# ---- main ------------------------------------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mgvq demo", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="examples:\n  mgvq demo\n  mgvq demo --quick --out /tmp/mgvq-demo\n"
+                                       "  mgvq demo --data-dir ~/data/fashion-mnist --out runs/demo2 --seed 1")
+    p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    p.add_argument("--quick", action="store_true", help="smoke run: few steps on a data subset (under 2 minutes)")
+    p.add_argument("--data-dir", default=None, help="folder with the 4 Fashion-MNIST IDX files (.gz or not); default: "
+                                                    "/usr/share/datasets/fashion-mnist, else ~/.cache/mgvq (downloaded)")
+    p.add_argument("--device", default="cpu", help="torch device for training and sampling (default: cpu)")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.device != "cpu":
+        # the training stages pick their device through accelerate; only sampling / evaluation use --device directly
+        torch.device(args.device)  # raises on a malformed device string
+    profile = "quick" if args.quick else "default"
+    p = PROFILES[profile]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    timings: dict[str, float] = {}
+
+    def tick(name: str, t0: float) -> None:
+        timings[name] = round(time.time() - t0, 1)
+        _log(f"{name}: {timings[name]:.1f} s")
+
+    # data
+    t0 = time.time()
+    data_path = find_data(args.data_dir)
+    _log(f"Fashion-MNIST from {data_path}")
+    x_train, y_train, names = load_split(data_path, "train", p["num_train"])
+    x_test, y_test, _ = load_split(data_path, "test", p["num_test"])
+    tick("data", t0)
+
+    # 1. classifier
+    from pipelines.classifier import classifier_fd, load_or_train, predict
+
+    t0 = time.time()
+    clf, clf_info = load_or_train(str(out / "classifier"), x_train, y_train, x_test, y_test, steps=p["clf_steps"],
+                                  batch_size=p["clf_batch"], seed=args.seed)
+    _log(f"classifier test accuracy {clf_info['test_accuracy']:.4f}{' (cached)' if clf_info['cached'] else ''}")
+    tick("classifier", t0)
+
+    # 2. tokenizer
+    t0 = time.time()
+    tok_dir = train_tokenizer(out, data_path, p, args.seed)
+    from tokenizer import MGVQTokenizer
+
+    tok = MGVQTokenizer.from_pretrained(str(tok_dir)).eval()
+    tick("tokenizer", t0)
+
+    # 3. codes
+    t0 = time.time()
+    codes_dir = cache_codes(out, tok_dir, data_path, p)
+    tick("cache_codes", t0)
+
+    # 4. generator
+    t0 = time.time()
+    gen_dir = train_generator(out, codes_dir, tok, p, args.seed)
+    tick("generator", t0)
+
+    # 5. pipeline
+    from generator import GPT
+    from pipelines import MGVQPipeline
+
+    pipe = MGVQPipeline(tok, GPT.from_pretrained(str(gen_dir)), id2label=names,
+                        sampling_defaults={"guidance_scale": p["guidance_scale"]})
+    pipe.save_pretrained(str(out / "pipeline"))
+    pipe = MGVQPipeline.from_pretrained(str(out / "pipeline")).to(args.device)
+
+    # 6. evaluation
+    t0 = time.time()
+    n_tok = min(p["tok_eval"], len(x_test))
+    tok_metrics, recons = evaluate_tokenizer(pipe.tokenizer.cpu(), x_test[:n_tok])
+    pipe.to(args.device)
+    _log(f"tokenizer test PSNR {tok_metrics['psnr']:.2f} dB, SSIM {tok_metrics['ssim']:.3f}, by groups "
+         f"{ {k: round(v, 2) for k, v in tok_metrics['psnr_by_groups_to_use'].items()} }, usage "
+         f"{[round(u, 3) for u in tok_metrics['codebook_usage']]}")
+    ncol = 10 if not args.quick else 8
+    real01 = torch.from_numpy(x_test[:ncol]).float()[:, None].div(255).expand(-1, 3, -1, -1)
+    rows = [real01] + [recons[k][:ncol] for k in sorted(recons)]
+    recon_size = save_grid(torch.cat(rows), out / "reconstructions.png", ncol=ncol, scale=2)
+    tick("eval_tokenizer", t0)
+
+    t0 = time.time()
+    per_class = p["eval_per_class"]
+    labels = [c for c in range(len(names)) for _ in range(per_class)]
+    gen = {}
+    for tag, s in (("cfg", p["guidance_scale"]), ("no_cfg", 1.0)):
+        g = torch.Generator(args.device).manual_seed(args.seed)
+        _log(f"sampling {len(labels)} images, guidance {s}")
+        res = pipe(labels, guidance_scale=s, generator=g, output_type="pt", batch_size=500)
+        gen[tag] = res.images
+    tick("sampling", t0)
+
+    t0 = time.time()
+    y = torch.tensor(labels)
+    ncols = p["grid_cols"]
+    grid = torch.cat([gen["cfg"][y == c][:ncols] for c in range(len(names))])
+    grid_size = save_grid(grid, out / "samples_grid.png", ncol=ncols, scale=2)
+    _, real_feats = predict(clf, x_test)
+    _, train_feats = predict(clf, x_train[:len(labels)])
+    _, recon_feats = predict(clf, recons[max(recons)])
+    generation = {"guidance_scale": p["guidance_scale"], "num_samples": len(labels), "per_class": per_class,
+                  "sampling": {"temperature": 1.0, "top_k": None, "top_p": None}}
+    for tag, imgs in gen.items():
+        logits, feats = predict(clf, imgs)
+        generation[f"cond_accuracy_{tag}"] = float((logits.argmax(-1) == y).float().mean())
+        generation[f"per_class_accuracy_{tag}"] = {
+            names[c]: float((logits.argmax(-1)[y == c] == c).float().mean()) for c in range(len(names))}
+        generation[f"classifier_fd_{tag}"] = classifier_fd(real_feats, feats)
+    generation["classifier_fd_real_vs_real"] = classifier_fd(real_feats, train_feats)
+    generation["classifier_fd_recon_vs_real"] = classifier_fd(real_feats, recon_feats)
+    tick("eval_generation", t0)
+    _log(f"conditional accuracy {generation['cond_accuracy_cfg']:.3f} (CFG {p['guidance_scale']}) / "
+         f"{generation['cond_accuracy_no_cfg']:.3f} (no CFG); classifier FD {generation['classifier_fd_cfg']:.2f} / "
+         f"{generation['classifier_fd_no_cfg']:.2f} (real vs real {generation['classifier_fd_real_vs_real']:.2f})")
+
+    tok_log = read_jsonl(out / "tokenizer" / "metrics.jsonl")
+    gen_log = read_jsonl(out / "generator" / "metrics.jsonl")
+    plot_losses(out / "loss_curves.png", clf_info.get("losses", []), tok_log, gen_log)
+
+    timings["total"] = round(time.time() - t_start, 1)
+    with open(gen_dir / "train_summary.json") as f:
+        gen_summary = json.load(f)
+    metrics = {
+        "profile": profile, "seed": args.seed, "device": args.device, "torch_threads": torch.get_num_threads(),
+        "data": {"path": str(data_path), "num_train": int(len(y_train)), "num_test": int(len(y_test)),
+                 "image_size": 32, "num_cached_codes": _num_codes(codes_dir)},
+        "class_names": names,
+        "classifier": {"test_accuracy": clf_info["test_accuracy"], "steps": p["clf_steps"],
+                       "final_train_loss": clf_info.get("final_loss"), "cached": clf_info["cached"]},
+        "tokenizer": {**tok_metrics, "groups": tok.config.groups, "codebook_size": tok.config.codebook_size,
+                      "latent_dim": tok.config.latent_dim, "downsample": tok.config.downsample,
+                      "num_parameters": tok.num_parameters(), "steps": p["tok_steps"],
+                      "final_train": {k: tok_log[-1][k] for k in ("total", "psnr", "usage") if tok_log and k in tok_log[-1]}},
+        "generator": {"num_parameters": pipe.generator.num_parameters(), "config": {
+            k: getattr(pipe.generator.config, k) for k in ("dim", "n_layer", "n_head", "groups", "codebook_size",
+                                                            "grid", "head", "input_mode")},
+                      "steps": p["gen_steps"], "final_loss": gen_log[-1]["loss"] if gen_log else None,
+                      "final_eval_loss": gen_summary.get("final_eval_loss")},
+        "generation": generation,
+        "outputs": {"samples_grid": "samples_grid.png", "samples_grid_size": list(grid_size),
+                    "reconstructions": "reconstructions.png", "reconstructions_size": list(recon_size),
+                    "loss_curves": "loss_curves.png", "pipeline": "pipeline"},
+        "timings_s": timings,
+    }
+    with open(out / "metrics.json", "w") as f:
+        json.dump(metrics, f, indent=2)
+    write_readme(out, metrics)
+    _log(f"done in {timings['total']:.0f} s: {out / 'metrics.json'}, {out / 'samples_grid.png'}, "
+         f"{out / 'reconstructions.png'}, {out / 'loss_curves.png'}, pipeline in {out / 'pipeline'}")
+    return 0
+
+
+def _num_codes(codes_dir: Path) -> int:
+    with open(codes_dir / "meta.json") as f:
+        return int(json.load(f)["counts"]["written"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
