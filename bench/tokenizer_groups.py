@@ -51,9 +51,11 @@ def main(argv=None) -> int:
     ap.add_argument("--total-codes", type=int, default=1024, help="codes per model (K = total / G)")
     ap.add_argument("--baseline-dim", type=int, default=8, help="latent dim C of the single-codebook baseline")
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-4)
-    ap.add_argument("--ch", type=int, default=16, help="VQGAN base width (the mgvq-tiny preset uses 32)")
+    ap.add_argument("--no-nested", action="store_true", help="train the multi-group models without nested masking")
+    ap.add_argument("--reinit-decay", type=float, default=0.1, help="CVQ dead-code EMA rate (reference 0.01)")
+    ap.add_argument("--ch", type=int, default=16, help="VQGAN base width (the mgvq-tiny preset's is 16)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest on shared cores)")
     ap.add_argument("--out", default="runs/bench-tokenizer-groups")
     ap.add_argument("--seed", type=int, default=0)
@@ -61,8 +63,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
 
-    settings = [(f"MGVQ G={g} C=32 K={args.total_codes // g}",
-                 {"groups": g, "latent_dim": 32, "codebook_size": args.total_codes // g}) for g in args.groups]
+    tag = " no-nest" if args.no_nested else ""
+    settings = [(f"MGVQ{tag} G={g} C=32 K={args.total_codes // g}",
+                 {"groups": g, "latent_dim": 32, "codebook_size": args.total_codes // g}
+                 | ({"nested_keep_probs": None} if args.no_nested else {})) for g in args.groups]
     settings.append((f"single codebook G=1 C={args.baseline_dim} K={args.total_codes}",
                      {"groups": 1, "latent_dim": args.baseline_dim, "codebook_size": args.total_codes,
                       "nested_keep_probs": None}))
@@ -72,7 +76,8 @@ def main(argv=None) -> int:
     for name, ov in settings:
         run = out / name.split(" K=")[0].replace(" ", "_").replace("=", "")
         overrides = [f"model_overrides.{k}={json.dumps(v) if v is not None else 'null'}" for k, v in ov.items()]
-        train_main(["model=mgvq-tiny", f"model_overrides.vqgan.ch={args.ch}", *overrides, "data=skimage",
+        train_main(["model=mgvq-tiny", f"model_overrides.vqgan.ch={args.ch}",
+                    f"model_overrides.reinit_decay={args.reinit_decay}", *overrides, "data=skimage",
                     "num_crops=4096", f"steps={args.steps}", f"batch_size={args.batch_size}", f"lr={args.lr}",
                     "mixed_precision=no", "loss.perceptual_weight=0", "loss.disc_weight=0", "log_every=25",
                     f"sample_every={args.steps}", f"save_every={args.steps}", "resume=null", f"seed={args.seed}",
@@ -81,7 +86,7 @@ def main(argv=None) -> int:
         r = evaluate(tok, held) | {"model": name, "params": tok.num_parameters()}
         results.append(r)
 
-    print(f"\n{args.steps} steps, batch {args.batch_size}, lr {args.lr}, 32x32 scikit-image crops "
+    print(f"\n{args.steps} steps, batch {args.batch_size}, lr {args.lr}, VQGAN ch {args.ch}, 32x32 scikit-image crops "
           f"(4096 train / 512 held-out), {args.total_codes} codes per model")
     print(f"{'model':<34} {'params':>8} {'PSNR dB':>8} {'min usage':>9}  usage per group        PSNR first k groups")
     for r in results:

@@ -238,11 +238,15 @@ def train(cfg: TrainConfig) -> dict:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    # launched distributed on CPU: gloo (accelerate has no CPU default); single process: no process group at all
-    # (accelerate 1.15 tries to create one when given the kwargs)
+    # CPU: cpu=True is what makes accelerate 1.15 pick MULTI_CPU (DDP) under torchrun / accelerate launch (without it
+    # the processes train unsynchronised), with gloo. Single process: no kwargs (accelerate would create a group).
+    on_cpu = not torch.cuda.is_available()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    kwargs = [InitProcessGroupKwargs(backend="gloo")] if distributed and not torch.cuda.is_available() else []
-    acc = Accelerator(mixed_precision=_mixed_precision(cfg.mixed_precision), kwargs_handlers=kwargs)
+    kwargs = [InitProcessGroupKwargs(backend="gloo")] if distributed and on_cpu else []
+    acc = Accelerator(cpu=on_cpu, mixed_precision=_mixed_precision(cfg.mixed_precision), kwargs_handlers=kwargs)
+    if distributed and acc.num_processes > 1 and acc.distributed_type.name not in ("MULTI_CPU", "MULTI_GPU"):
+        raise RuntimeError(f"launched with {acc.num_processes} processes but accelerate chose "
+                           f"{acc.distributed_type}; gradients would not be synchronised")
     device, main = acc.device, acc.is_main_process
     out = Path(cfg.out_dir)
     set_seed(cfg.seed)
