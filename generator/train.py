@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from .model import GPT, PRESETS, GPTConfig
+from .outdir import check_output_dir
 
 EXAMPLE = """examples:
   # CPU, tiny model on code shards written by `mgvq cache-codes`:
@@ -123,6 +124,16 @@ class TrainConfig:
             bad("ema_decay", "must be in [0, 1)")
         if self.lr <= 0 or self.grad_clip < 0 or self.weight_decay < 0:
             bad("lr", "lr must be > 0, grad_clip and weight_decay >= 0")
+        if not self.sample_cfg_scale >= 0:
+            bad("sample_cfg_scale", "must be >= 0 (1.0 = no guidance)")
+        if not self.sample_temperature >= 0:
+            bad("sample_temperature", "must be >= 0 (0 = greedy)")
+        if self.sample_top_k is not None and (not isinstance(self.sample_top_k, int) or self.sample_top_k < 0):
+            bad("sample_top_k", "must be null or an integer >= 0 (0 = off, 1 = greedy)")
+        if self.sample_classes is not None and (
+                not isinstance(self.sample_classes, list)
+                or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in self.sample_classes)):
+            bad("sample_classes", "must be null or a list of class indices >= 0")
         if self.view != "random":
             try:
                 self.view = int(self.view)
@@ -454,6 +465,7 @@ def train(cfg: TrainConfig, decode_fn=None, codebook: torch.Tensor | None = None
     (pipelines pass the tokenizer's decode); without it the grids show code maps.
     codebook: frozen (G, K, C/G) tokenizer code vectors for input_mode=projector (else read from cfg.codebook).
     """
+    check_output_dir(cfg.out, what="out")  # an unwritable out= or a full disk fails now, not at the first checkpoint
     use_ds_env = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     if (cfg.deepspeed or use_ds_env) and not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -471,8 +483,15 @@ def train(cfg: TrainConfig, decode_fn=None, codebook: torch.Tensor | None = None
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or cfg.deepspeed or use_ds_env
     kwargs = [InitProcessGroupKwargs(backend="gloo")] if distributed and not torch.cuda.is_available() else []
     plugin = DeepSpeedPlugin(hf_ds_config=cfg.deepspeed) if cfg.deepspeed else None
-    acc = Accelerator(mixed_precision=_resolve_precision(cfg), deepspeed_plugin=plugin, kwargs_handlers=kwargs)
+    # plain DDP on CPU needs cpu=True (else accelerate 1.15 silently picks no distribution); cpu=True would disable
+    # DeepSpeed, so only without it
+    plain_cpu = not torch.cuda.is_available() and not (cfg.deepspeed or use_ds_env)
+    acc = Accelerator(cpu=plain_cpu, mixed_precision=_resolve_precision(cfg), deepspeed_plugin=plugin,
+                      kwargs_handlers=kwargs)
     is_ds = acc.distributed_type == DistributedType.DEEPSPEED
+    if distributed and acc.num_processes > 1 and acc.distributed_type == DistributedType.NO:
+        raise RuntimeError(f"launched with {acc.num_processes} processes but accelerate chose no distribution; "
+                           f"gradients would not be synchronised")
     world, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
     zero_stage = acc.state.deepspeed_plugin.zero_stage if is_ds else 0
     if cfg.global_batch_size % (cfg.batch_size * world):
@@ -510,7 +529,21 @@ def train(cfg: TrainConfig, decode_fn=None, codebook: torch.Tensor | None = None
     else:
         gpt = GPT.from_preset(cfg.model, codebook=codebook, **margs)
     gcfg = gpt.config
+    for k in ("groups", "codebook_size", "grid"):  # init_from: the saved model must fit the data
+        if k in margs and getattr(gcfg, k) != margs[k]:
+            raise ValueError(f"init_from={cfg.init_from!r} has {k}={getattr(gcfg, k)} but the data {cfg.data!r} has "
+                             f"{k}={margs[k]}; valid: a model trained on codes of the same tokenizer and grid")
+    if gcfg.num_classes < int(meta.get("num_classes", 0)):
+        raise ValueError(f"model num_classes={gcfg.num_classes} < {meta['num_classes']} classes in {cfg.data!r}")
+    bad_cls = [c for c in (cfg.sample_classes or []) if c >= gcfg.num_classes]
+    if bad_cls:
+        raise ValueError(f"sample_classes={cfg.sample_classes}: {bad_cls} out of range; valid: 0.."
+                         f"{gcfg.num_classes - 1}")
+    if cfg.sample_top_k is not None and cfg.sample_top_k > gcfg.codebook_size:
+        raise ValueError(f"sample_top_k={cfg.sample_top_k} is invalid; valid: 0..codebook_size={gcfg.codebook_size}")
     n_params = gpt.num_parameters()
+    # minimal: room for one checkpoint (fp32 weights + 2 AdamW moments) and the exported weights
+    check_output_dir(cfg.out, need_bytes=n_params * 4 * 4, what="out")
     fps = flops_per_sequence(gpt)
     L, G = gcfg.block_size, gcfg.groups
     n = len(ds)
