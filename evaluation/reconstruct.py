@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from evaluation import metrics as M
+from evaluation.outdir import check_output_dir
 
 RESOLUTIONS = {"256": (256, 256), "512": (512, 512), "2k": (2560, 1440)}
 
@@ -213,8 +214,12 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     size = parse_resolution(args.resolution)
+    for flag, v, low in (("--batch-size", args.batch_size, 1), ("--max-images", args.max_images, 1),
+                         ("--num-examples", args.num_examples, 0)):
+        if v is not None and v < low:
+            raise SystemExit(f"evaluate-tokenizer: {flag}={v!r} is invalid; valid: an integer >= {low}")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_dir(out, what="--out")  # an unwritable --out or a full disk fails now, not after the evaluation
     images = M.ImageFolder(args.data, size=size, max_images=args.max_images)
     inception = None
     if args.inception_weights is not None or M.default_inception_weights_path().is_file():

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from evaluation import metrics as M
+from evaluation.outdir import check_output_dir
 
 # sample_fn(labels (B,) int64, seeds list[int]) -> float (B, 3, H, W) in [0, 1]
 SampleFn = Callable[[torch.Tensor, list], torch.Tensor]
@@ -272,17 +273,45 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def validate_args(args: argparse.Namespace) -> None:
+    """Every setting checked before anything is loaded or sampled: one SystemExit naming the flag, value, valid range."""
+    def bad(flag, value, valid):
+        raise SystemExit(f"evaluate-generation: {flag}={value!r} is invalid; valid: {valid}")
+
+    if (args.pipeline is None) == (args.samples is None):
+        raise SystemExit("evaluate-generation: pass exactly one of --pipeline DIR (sample) or --samples NPZ (evaluate)")
+    for flag, v in (("--num-images", args.num_images), ("--batch-size", args.batch_size),
+                    ("--eval-batch-size", args.eval_batch_size), ("--num-classes", args.num_classes),
+                    ("--resize-to", args.resize_to)):
+        if v is not None and v < 1:
+            bad(flag, v, "an integer >= 1")
+    if args.guidance_scale is not None and not args.guidance_scale >= 0:
+        bad("--guidance-scale", args.guidance_scale, ">= 0 (1.0 = no guidance)")
+    if args.temperature is not None and not args.temperature >= 0:
+        bad("--temperature", args.temperature, ">= 0 (0 = greedy)")
+    if args.top_k is not None and args.top_k < 0:
+        bad("--top-k", args.top_k, ">= 0 (0 = off, 1 = greedy)")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        bad("--top-p", args.top_p, "in (0, 1]")
+    if args.seed < 0:
+        bad("--seed", args.seed, ">= 0")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     out = Path(args.out)
-    if (args.pipeline is None) == (args.samples is None):
-        raise SystemExit("evaluate-generation: pass exactly one of --pipeline DIR (sample) or --samples NPZ (evaluate)")
+    validate_args(args)
+    check_output_dir(out, what="--out")  # an unwritable --out or a full disk fails now, not after the sampling
     inception = None
     if args.ref is not None:  # fail on missing weights before hours of sampling
         dist0 = int(os.environ.get("RANK", "0"))
         if dist0 == 0:
             inception = M.InceptionFeatures(args.inception_weights, batch_size=args.eval_batch_size,
                                             device="cuda" if torch.cuda.is_available() else "cpu")
+    for flag, path, what in (("--pipeline", args.pipeline, "pipeline folder"), ("--samples", args.samples, "ADM .npz"),
+                             ("--ref", args.ref, "ADM .npz or image folder")):
+        if path is not None and not os.path.exists(path):
+            raise FileNotFoundError(f"evaluate-generation: {flag}={path!r} does not exist; expected a {what}")
     if args.pipeline is not None:
         from pipelines import MGVQPipeline  # lazy: evaluation never imports the stages at module level
 
@@ -290,9 +319,16 @@ def main(argv: list[str] | None = None) -> int:
         dtype = getattr(torch, args.dtype)
         pipe = MGVQPipeline.from_pretrained(args.pipeline, device=dist.device, dtype=dtype)
         num_classes = args.num_classes or pipe.generator.config.num_classes
+        if num_classes > pipe.generator.config.num_classes:
+            raise SystemExit(f"evaluate-generation: --num-classes={num_classes} is invalid; valid: 1.."
+                             f"{pipe.generator.config.num_classes} (the generator's classes)")
+        size = args.resize_to or pipe.image_size
+        check_output_dir(out, need_bytes=args.num_images * size * size * 3, what="--out")  # samples.npz (uncompressed)
         kw = {k: v for k, v in dict(guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
                                       top_p=args.top_p, cfg_interval=args.cfg_interval).items() if v is not None}
         d = pipe.defaults.__dict__
+        pipe._validate([num_classes - 1], *(kw.get(k, d.get(k)) for k in ("guidance_scale", "temperature", "top_k",
+                                                                           "top_p", "groups_to_use")))  # before sampling
         config = {"pipeline": str(Path(args.pipeline).resolve()), "dtype": args.dtype,
                   **{k: kw.get(k, d.get(k))
                      for k in ("guidance_scale", "temperature", "top_k", "top_p", "cfg_interval")}}

@@ -27,6 +27,7 @@ import sys
 import torch
 
 from .model import GPT, GPTConfig
+from .outdir import check_output_dir
 
 # LlamaGen presets by width: dim -> n_head (gpt.py GPT_models)
 LLAMAGEN_HEADS = {768: 12, 1024: 16, 1280: 20, 1536: 24, 2560: 40, 2048: 32, 3200: 32, 4096: 32}
@@ -234,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"override {kv!r} is not key=value")
         k, v = kv.split("=", 1)
         overrides[k] = _parse_value(v)
+    check_output_dir(args.out_dir, what="OUT_DIR")  # before reading a multi-GB checkpoint
     ckpt = _load_checkpoint(args.checkpoint)
     if args.kind == "llamagen-gpt":
         if "grid" not in overrides:  # released names carry the resolution: c2i_L_256.pt / c2i_XL_384.pt
@@ -252,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         model = convert_mgvq_gpt(ckpt, cb, overrides)
         if groups is not None and groups != model.config.groups:
             raise ValueError(f"tokenizer config groups={groups} but the GPT's AR head has {model.config.groups} groups")
+    nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    check_output_dir(args.out_dir, need_bytes=nbytes, what="OUT_DIR")  # room for the safetensors
     model.save_pretrained(args.out_dir)
     c = model.config
     print(f"converted {args.kind} -> {args.out_dir}: {model.num_parameters() / 1e6:.1f}M params, dim={c.dim} "

@@ -82,6 +82,9 @@ def assemble_pipeline(argv: list[str]) -> int:
             pos.append(a)
     if len(pos) != 3:
         raise SystemExit("usage: mgvq convert --from pipeline TOKENIZER_DIR GENERATOR_DIR OUT_DIR [--labels ...] [k=v]")
+    from tokenizer.outdir import check_output_dir
+
+    check_output_dir(pos[2], what="OUT_DIR")
     tok = MGVQTokenizer.from_pretrained(pos[0])
     gen = GPT.from_pretrained(pos[1])
     names = load_labels(labels, gen.config.num_classes)

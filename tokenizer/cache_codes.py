@@ -41,6 +41,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from tokenizer.data import build_dataset, center_crop_arr
+from tokenizer.outdir import check_output_dir
 
 META_NAME = "meta.json"
 FORMAT_NAME = "mgvq-codes"
@@ -58,7 +59,8 @@ def code_dtype(codebook_size: int) -> str:
         return "int16"
     if codebook_size <= 2 ** 31:
         return "int32"
-    raise ValueError(f"codebook_size={codebook_size} does not fit in int32")
+    raise ValueError(f"codebook_size={codebook_size} does not fit the int32 code type; valid: 2 <= codebook_size "
+                     f"<= 2**31")
 
 
 def sha256_file(path: str, chunk: int = 1 << 22) -> str:
@@ -324,6 +326,9 @@ def run(args: argparse.Namespace) -> dict:
         raise SystemExit(f"--num-workers={args.num_workers}: must be >= 0")
     if args.limit is not None and args.limit < 1:
         raise SystemExit(f"--limit={args.limit}: must be >= 1")
+    if args.image_size is not None and args.image_size < 1:
+        raise SystemExit(f"--image-size={args.image_size}: must be >= 1")
+    check_output_dir(args.out, what="--out")  # before any loading: an unwritable --out fails now, not after hours
 
     from datetime import timedelta
 
@@ -360,6 +365,8 @@ def run(args: argparse.Namespace) -> dict:
     source, source_desc = open_source(args.data, args.split, args.label_column)
     fixed = _fixed_meta(args, tok, tok_sha, source, source_desc, grid)
     out = args.out
+    n_bytes = fixed["source"]["num_images"] * fixed["views"]["count"] * grid[0] * grid[1] * cfg.groups
+    check_output_dir(out, need_bytes=n_bytes * np.dtype(fixed["dtype"]).itemsize, what="--out")  # uncompressed codes
     os.makedirs(os.path.join(out, "data"), exist_ok=True)
     check_existing_meta(out, fixed)
     if not os.path.isfile(os.path.join(out, META_NAME)):  # every rank may write it: the content is identical

@@ -18,6 +18,7 @@ import sys
 import torch
 
 from tokenizer.model import MGVQTokenizer, TokenizerConfig, apply_overrides
+from tokenizer.outdir import check_output_dir
 
 CHECKPOINT_KEYS = ("model", "state_dict", "ema")
 _IGNORED = ("quantize.codebook_used", "quantize.embed_prob")
@@ -108,7 +109,10 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"override {item!r} is not key=value")
         k, v = item.split("=", 1)
         overrides[k] = _parse_value(v)
+    check_output_dir(args.out_dir, what="OUT_DIR")  # before reading a multi-GB checkpoint
     model = convert_llamagen_vq(load_checkpoint_state_dict(args.checkpoint, args.key), overrides)
+    nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    check_output_dir(args.out_dir, need_bytes=nbytes, what="OUT_DIR")  # room for the safetensors
     model.save_pretrained(args.out_dir)
     cfg = model.config
     print(f"converted {args.checkpoint} -> {args.out_dir}: {model.num_parameters() / 1e6:.2f}M params, "

@@ -21,6 +21,7 @@ import torch
 
 from tokenizer.convert import load_checkpoint_state_dict
 from tokenizer.model import MGVQTokenizer, TokenizerConfig, apply_overrides
+from tokenizer.outdir import check_output_dir
 
 REQUIRED = ("encoder.project_out.main.op_list.0.conv.weight", "decoder.project_in.main.conv.weight",
             "quant_conv.weight", "post_quant_conv.weight", "quantize.embedding.weight")
@@ -171,7 +172,10 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"override {item!r} is not key=value")
         k, v = item.split("=", 1)
         overrides[k] = yaml.safe_load(v)
+    check_output_dir(args.out_dir, what="OUT_DIR")  # before reading the checkpoint
     model = convert_mgvq_tokenizer(load_checkpoint_state_dict(args.checkpoint, args.key), overrides)
+    nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    check_output_dir(args.out_dir, need_bytes=nbytes, what="OUT_DIR")  # room for the safetensors
     model.save_pretrained(args.out_dir)
     cfg = model.config
     print(f"converted {args.checkpoint} -> {args.out_dir}: {model.num_parameters() / 1e6:.2f}M params, "
