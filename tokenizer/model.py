@@ -268,7 +268,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llamagen-vq16": _llamagen(_F16),
     "llamagen-vq8": _llamagen(_F8),
     # tiny f4 model for 32x32 images (8x8 grid of 4 sub-tokens); trains on a CPU (the demo's tokenizer)
-    # (0.81M params; Adam lr 1e-3, batch 32, L2 + codebook losses: 22.5 dB PSNR on 32x32 Fashion-MNIST after 500 steps)
+    # 0.81M params. Adam lr 1e-3 (one-cycle), batch 32, L2 + codebook losses, nested masking + re-init on: PSNR on
+    # 32x32 Fashion-MNIST test = 22.5 / 23.9 / 25.3 / 25.6 dB after 500 / 1000 / 1500 / 2000 steps, usage 100%.
     "mgvq-tiny": dict(backbone="vqgan", vqgan=dict(ch=16, ch_mult=[1, 2, 4], num_res_blocks=1, z_channels=64,
                                                    norm_groups=8),
                       latent_dim=32, groups=4, codebook_size=256, nested_keep_probs="default", dead_code_reinit=True,
