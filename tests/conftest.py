@@ -45,3 +45,15 @@ def photos() -> list[np.ndarray]:
     from tokenizer.data import skimage_photos
 
     return skimage_photos()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """Tiny models on 2 cores (often shared with subprocesses the tests start) run faster on one thread."""
+    import torch
+
+    n = int(os.environ.get("MGVQ_TEST_THREADS", "1"))
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    yield
+    torch.set_num_threads(old)
