@@ -209,8 +209,12 @@ class MultiGroupQuantizer(nn.Module):
             perplexity = torch.cat([perplexity, perplexity.new_zeros(G - k)])
             if self.training:
                 self._push_used(idx)
-                if reinit:
-                    self._reinit(zg.detach(), scores, p, distributed)
+                if reinit:  # never copy non-finite features into the codebook (the step will be skipped anyway)
+                    finite = torch.isfinite(zg).all().float()
+                    if distributed:  # every rank must agree: _reinit runs collectives
+                        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+                    if finite.item() == 1.0:
+                        self._reinit(zg.detach(), scores, p, distributed)
             used = self._used_mask().float()  # (G, K)
             if distributed:  # every rank reports the union of the ranks' windows
                 dist.all_reduce(used, op=dist.ReduceOp.MAX)
