@@ -32,13 +32,13 @@ WEIGHTS_NAME = "model.safetensors"
 class ClassifierConfig:
     num_classes: int = 10
     image_size: int = 32
-    width: int = 16  # channels of the first conv stage; stages are width, 2*width, 4*width
+    width: int = 16  # channels of the first conv stage (the second has 2 * width)
     feature_dim: int = 128  # penultimate features (the Fréchet-distance space)
 
 
 class SmallCNN(nn.Module):
-    """conv (full res) -> pool -> 2 convs -> pool -> 2 convs (BN + ReLU each) -> global avg pool -> fc -> fc classes.
-    About 7M multiply-adds per 32x32 image: trains to ~90% Fashion-MNIST test accuracy in about a minute on 2 cores."""
+    """2x2 average pool -> [conv, conv] -> max-pool -> [conv, conv] (BN + ReLU each) -> max-pool -> flatten -> fc -> fc.
+    About 1.5M multiply-adds per 32x32 image (width 16): ~88-90% Fashion-MNIST test accuracy in a minute on 2 cores."""
 
     def __init__(self, config: ClassifierConfig):
         super().__init__()
@@ -48,17 +48,21 @@ class SmallCNN(nn.Module):
         def conv(cin, cout):
             return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(True)]
 
-        self.stages = nn.Sequential(*conv(1, w), nn.MaxPool2d(2), *conv(w, 2 * w), *conv(2 * w, 2 * w), nn.MaxPool2d(2),
-                                    *conv(2 * w, 4 * w), *conv(4 * w, 4 * w))
-        self.fc = nn.Linear(4 * w, c.feature_dim)
+        if c.image_size % 8:
+            raise ValueError(f"ClassifierConfig.image_size={c.image_size}: must be a multiple of 8")
+        self.stages = nn.Sequential(nn.AvgPool2d(2), *conv(1, w), *conv(w, w), nn.MaxPool2d(2),
+                                    *conv(w, 2 * w), *conv(2 * w, 2 * w), nn.MaxPool2d(2))
+        self.fc = nn.Linear(2 * w * (c.image_size // 8) ** 2, c.feature_dim)  # flattened map keeps the layout
         self.head = nn.Linear(c.feature_dim, c.num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, 3 or 1, H, W) in [0, 1] -> penultimate features (B, feature_dim) (after ReLU)."""
         if x.dim() != 4 or x.shape[1] not in (1, 3):
             raise ValueError(f"classifier expects images (B, 3, H, W) or (B, 1, H, W) in [0, 1], got {tuple(x.shape)}")
+        if x.shape[-1] != self.config.image_size or x.shape[-2] != self.config.image_size:
+            raise ValueError(f"classifier was built for {self.config.image_size}px images, got {tuple(x.shape)}")
         x = x.float().mean(1, keepdim=True) * 2 - 1
-        h = self.stages(x).mean((2, 3))
+        h = self.stages(x).flatten(1)
         return F.relu(self.fc(h))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -114,7 +118,7 @@ def classifier_fd(real_features, fake_features) -> float:
 
 # ---- training --------------------------------------------------------------------------------------------------------
 def train_classifier(train_x, train_y, config: ClassifierConfig | None = None, steps: int = 1000,
-                     batch_size: int = 128, lr: float = 2e-3, seed: int = 0, device="cpu",
+                     batch_size: int = 128, lr: float = 5e-3, seed: int = 0, device="cpu",
                      progress: bool = True) -> tuple[SmallCNN, list[float]]:
     """AdamW + one-cycle cosine schedule, random horizontal flips and +-2 px shifts. Returns (model, loss per step)."""
     config = config or ClassifierConfig()
@@ -173,7 +177,7 @@ def load_classifier(path: str, device="cpu") -> tuple[SmallCNN, dict]:
 
 
 def load_or_train(path: str, train_x, train_y, test_x, test_y, config: ClassifierConfig | None = None,
-                  steps: int = 1000, batch_size: int = 128, lr: float = 2e-3, seed: int = 0, device="cpu",
+                  steps: int = 1000, batch_size: int = 128, lr: float = 5e-3, seed: int = 0, device="cpu",
                   progress: bool = True) -> tuple[SmallCNN, dict]:
     """Reuse the classifier cached at `path` if it was trained with the same settings, else train and cache it.
     Returns (model, info) with info["test_accuracy"] measured on (test_x, test_y)."""

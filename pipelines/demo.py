@@ -40,7 +40,7 @@ import torch
 PROFILES: dict[str, dict] = {
     "default": dict(
         num_train=None, num_test=None,  # None: all 60000 / 10000 images
-        clf_steps=600, clf_batch=128,
+        clf_steps=400, clf_batch=128,
         tok_steps=1500, tok_batch=32, tok_lr=1e-3,
         tok_overrides={"vqgan.ch": 16, "vqgan.ch_mult": [1, 2, 2], "vqgan.num_res_blocks": 1,
                        "vqgan.z_channels": 32, "vqgan.norm_groups": 8},
@@ -360,6 +360,9 @@ def _parser() -> argparse.ArgumentParser:
                                                     "/usr/share/datasets/fashion-mnist, else ~/.cache/mgvq (downloaded)")
     p.add_argument("--device", default="cpu", help="torch device for training and sampling (default: cpu)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice, one per core); 1 is much faster when other "
+                        "jobs share the cores (OpenMP threads then wait on each other)")
     return p
 
 
@@ -368,6 +371,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.device != "cpu":
         # the training stages pick their device through accelerate; only sampling / evaluation use --device directly
         torch.device(args.device)  # raises on a malformed device string
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"--threads={args.threads}: must be >= 1")
+        torch.set_num_threads(args.threads)
     profile = "quick" if args.quick else "default"
     p = PROFILES[profile]
     out = Path(args.out)
