@@ -170,7 +170,7 @@ def _crash_during_save(monkeypatch, save_number):
 
 
 @pytest.mark.xfail(strict=True, reason="tokenizer/train.py writes checkpoints in place (not atomic): needs the "
-                                       "lead's patch from docs/reliability.md (then remove this mark)")
+                                       "lead's patch from the reliability report (then remove this mark)")
 def test_train_tokenizer_crash_while_saving_a_checkpoint_loses_nothing(tmp_path, monkeypatch):
     from tokenizer.train import main
 
@@ -305,7 +305,7 @@ def test_bad_files_are_skipped_converted_and_counted_in_log_and_metadata(assets,
 
 @pytest.mark.xfail(strict=True, raises=NotImplementedError,
                    reason="tokenizer/data.py load_rgb catches only some decoder exceptions: needs the lead's one-line "
-                          "patch from docs/reliability.md (then remove this mark)")
+                          "patch from the reliability report (then remove this mark)")
 def test_any_decoder_failure_is_skipped_and_counted(tmp_path):
     """Found by fuzzing: a file with a corrupt DDS header (whatever its name) makes PIL raise NotImplementedError."""
     from tokenizer.data import ImageFolderDataset
@@ -636,7 +636,7 @@ def test_free_space_estimate_scales_with_the_run(assets, tmp_path, monkeypatch):
 
 
 @pytest.mark.xfail(strict=True, reason="tokenizer/train.py has no up-front output check yet: needs the lead's patch "
-                                       "from docs/reliability.md (then remove this mark)")
+                                       "from the reliability report (then remove this mark)")
 def test_train_tokenizer_unwritable_output_or_full_disk_fails_at_start(assets, tmp_path, monkeypatch):
     from tokenizer.train import main
 
