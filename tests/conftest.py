@@ -57,3 +57,13 @@ def _one_torch_thread():
     torch.set_num_threads(n)
     yield
     torch.set_num_threads(old)
+
+
+# Property tests are reproducible run to run (same examples every time) and never time out on a loaded machine.
+try:
+    from hypothesis import settings as _hyp_settings
+
+    _hyp_settings.register_profile("mgvq", derandomize=True, deadline=None, print_blob=True)
+    _hyp_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "mgvq"))
+except ImportError:  # hypothesis is a dev extra
+    pass

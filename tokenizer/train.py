@@ -41,6 +41,7 @@ import yaml
 from tokenizer.data import ResumableBatchSampler, build_dataset, collate
 from tokenizer.losses import LossConfig, TokenizerLoss
 from tokenizer.model import MGVQTokenizer, TokenizerConfig, apply_overrides
+from tokenizer.outdir import check_output_dir
 
 
 @dataclass
@@ -243,6 +244,7 @@ def train(cfg: TrainConfig) -> dict:
     on_cpu = not torch.cuda.is_available()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     kwargs = [InitProcessGroupKwargs(backend="gloo")] if distributed and on_cpu else []
+    check_output_dir(cfg.out_dir, what="out_dir")  # an unwritable out_dir or a full disk fails now, not at step 1000
     acc = Accelerator(cpu=on_cpu, mixed_precision=_mixed_precision(cfg.mixed_precision), kwargs_handlers=kwargs)
     if distributed and acc.num_processes > 1 and acc.distributed_type.name not in ("MULTI_CPU", "MULTI_GPU"):
         raise RuntimeError(f"launched with {acc.num_processes} processes but accelerate chose "
@@ -337,14 +339,23 @@ def train(cfg: TrainConfig) -> dict:
         grid = save_grid(sample_x, rec, out / "samples" / f"step_{step:07d}.png")
         writer.add_image("reconstructions", grid, step)
 
-    def save_checkpoint():
-        acc.save_state(str(out / "checkpoints" / f"step_{state.step:07d}"))
+    def save_checkpoint():  # atomic: written to .tmp_step_N, renamed to step_N only when complete
+        import shutil
+
+        final = out / "checkpoints" / f"step_{state.step:07d}"
+        tmp = final.with_name(f".tmp_{final.name}")
+        if main and tmp.exists():  # a partial save of a killed run
+            shutil.rmtree(tmp)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
         acc.wait_for_everyone()
         if main:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
             for old in _checkpoints(out)[:-cfg.keep_checkpoints]:
-                import shutil
-
                 shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
 
     metrics_f = open(out / "metrics.jsonl", "a") if main else None
     pbar = tqdm(total=total_steps, initial=state.step, disable=not main, desc="tokenizer", dynamic_ncols=True)
