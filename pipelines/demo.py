@@ -44,9 +44,9 @@ PROFILES: dict[str, dict] = {
         tok_steps=1500, tok_batch=32, tok_lr=1e-3,
         tok_overrides={"vqgan.ch": 16, "vqgan.ch_mult": [1, 2, 2], "vqgan.num_res_blocks": 1,
                        "vqgan.z_channels": 32, "vqgan.norm_groups": 8},
-        cache_limit=None,
-        gen_steps=1200, gen_batch=64, gen_lr=2e-3, gen_warmup=50,
-        gen_args={"dim": 128, "n_layer": 4, "n_head": 4},
+        cache_limit=20000,  # 40k code views: more than the generator sees in its steps
+        gen_steps=800, gen_batch=32, gen_lr=2e-3, gen_warmup=50,
+        gen_args={"dim": 128, "n_layer": 3, "n_head": 4},
         guidance_scale=3.0, eval_per_class=50, tok_eval=2000, grid_cols=10,
     ),
     "quick": dict(
