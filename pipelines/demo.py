@@ -47,7 +47,7 @@ PROFILES: dict[str, dict] = {
         cache_limit=20000,  # 40k code views: more than the generator sees in its steps
         gen_steps=800, gen_batch=32, gen_lr=2e-3, gen_warmup=50,
         gen_args={"dim": 128, "n_layer": 3, "n_head": 4},
-        guidance_scale=3.0, eval_per_class=50, tok_eval=2000, grid_cols=10,
+        guidance_scale=4.0, eval_per_class=50, tok_eval=2000, grid_cols=10,
     ),
     "quick": dict(
         num_train=2000, num_test=500,
