@@ -40,12 +40,12 @@ import torch
 PROFILES: dict[str, dict] = {
     "default": dict(
         num_train=None, num_test=None,  # None: all 60000 / 10000 images
-        clf_steps=400, clf_batch=128,
+        clf_steps=1000, clf_batch=128,
         tok_steps=1500, tok_batch=32, tok_lr=1e-3,
         tok_overrides={"vqgan.ch": 16, "vqgan.ch_mult": [1, 2, 2], "vqgan.num_res_blocks": 1,
                        "vqgan.z_channels": 32, "vqgan.norm_groups": 8},
         cache_limit=20000,  # 40k code views: more than the generator sees in its steps
-        gen_steps=800, gen_batch=32, gen_lr=2e-3, gen_warmup=50,
+        gen_steps=1400, gen_batch=32, gen_lr=2e-3, gen_warmup=50,
         gen_args={"dim": 128, "n_layer": 3, "n_head": 4},
         guidance_scale=4.0, eval_per_class=50, tok_eval=2000, grid_cols=10,
     ),
