@@ -13,7 +13,6 @@ so the converters only unwrap, drop unused keys and infer the config.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, fields
 

@@ -4,7 +4,6 @@ The pipeline's greedy CFG samples must be exactly the reference LlamaGen generat
 the converted tokenizer's decode of those tokens.
 """
 import json
-import os
 from pathlib import Path
 
 import pytest

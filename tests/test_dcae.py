@@ -3,7 +3,6 @@ parameter counts (reference A.1), and a few CPU training steps of the tiny DC-AE
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -14,14 +14,6 @@ from evaluation import reconstruct as R
 G, K, FACTOR = 3, 16, 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors on a shared 2-core CPU: one intra-op thread avoids oversubscription (~10x faster here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class BlockQuantizer:
     """Toy tokenizer: 8x8 block means, group g = colour channel g, K random levels per group (nearest level)."""

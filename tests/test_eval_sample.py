@@ -14,14 +14,6 @@ from evaluation import sample as S
 N, C, B = 10, 3, 3  # 10 images, 3 classes, batches of 3 -> 4 batches (the last one short)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors on a shared 2-core CPU: one intra-op thread avoids oversubscription (~10x faster here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class ToyNet(torch.nn.Module):
     """A fixed tiny random conv net: image = sigmoid(net(noise + class embedding)), 12x12."""

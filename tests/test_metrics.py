@@ -8,14 +8,6 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from evaluation import metrics as M
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors on a shared 2-core CPU: one intra-op thread avoids oversubscription (~10x faster here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # ---------------------------------------------------------------- Fréchet distance
 

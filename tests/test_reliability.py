@@ -13,7 +13,6 @@ import collections
 import io
 import json
 import os
-import pickle
 import random
 import shutil
 import signal

@@ -94,10 +94,11 @@ def _parse_value(text: str):
     return yaml.safe_load(text)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="mgvq convert --from llamagen-vq", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="LlamaGen VQ checkpoint (.pt / .pth / .safetensors)")
+def run_cli(prog: str, convert_fn, describe, argv: list[str] | None, doc: str | None = None) -> int:
+    """`mgvq convert --from KIND CHECKPOINT OUT_DIR [key=value ...] [--key K]` for a tokenizer converter:
+    checks OUT_DIR up front, converts with `convert_fn(state_dict, overrides)`, saves, prints `describe(model)`."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="checkpoint (.pt / .pth read with weights_only=True, or .safetensors)")
     p.add_argument("out_dir", help="output folder (MGVQTokenizer.from_pretrained)")
     p.add_argument("overrides", nargs="*", help="TokenizerConfig overrides key=value (e.g. image_size=384)")
     p.add_argument("--key", default=None, help="checkpoint entry holding the weights (default: model, state_dict, "
@@ -110,15 +111,19 @@ def main(argv: list[str] | None = None) -> int:
         k, v = item.split("=", 1)
         overrides[k] = _parse_value(v)
     check_output_dir(args.out_dir, what="OUT_DIR")  # before reading a multi-GB checkpoint
-    model = convert_llamagen_vq(load_checkpoint_state_dict(args.checkpoint, args.key), overrides)
+    model = convert_fn(load_checkpoint_state_dict(args.checkpoint, args.key), overrides)
     nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     check_output_dir(args.out_dir, need_bytes=nbytes, what="OUT_DIR")  # room for the safetensors
     model.save_pretrained(args.out_dir)
-    cfg = model.config
     print(f"converted {args.checkpoint} -> {args.out_dir}: {model.num_parameters() / 1e6:.2f}M params, "
-          f"ch={cfg.vqgan.ch} ch_mult={list(cfg.vqgan.ch_mult)} f={cfg.downsample} K={cfg.codebook_size} "
-          f"C={cfg.latent_dim}")
+          f"{describe(model.config)}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli("mgvq convert --from llamagen-vq", convert_llamagen_vq,
+                   lambda c: f"ch={c.vqgan.ch} ch_mult={list(c.vqgan.ch_mult)} f={c.downsample} "
+                             f"K={c.codebook_size} C={c.latent_dim}", argv, __doc__)
 
 
 if __name__ == "__main__":

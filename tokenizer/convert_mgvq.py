@@ -13,15 +13,13 @@ usage queue quantize.codebook_used ((G, 65536) float, all zeros = never filled) 
 """
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 
 import torch
 
-from tokenizer.convert import load_checkpoint_state_dict
+from tokenizer.convert import run_cli
 from tokenizer.model import MGVQTokenizer, TokenizerConfig, apply_overrides
-from tokenizer.outdir import check_output_dir
 
 REQUIRED = ("encoder.project_out.main.op_list.0.conv.weight", "decoder.project_in.main.conv.weight",
             "quant_conv.weight", "post_quant_conv.weight", "quantize.embedding.weight")
@@ -156,32 +154,10 @@ def convert_mgvq_tokenizer(state_dict: dict[str, torch.Tensor], overrides: dict 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="mgvq convert --from mgvq-tokenizer", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="released MGVQ tokenizer (.pt with weights under 'model', or .safetensors)")
-    p.add_argument("out_dir", help="output folder (MGVQTokenizer.from_pretrained)")
-    p.add_argument("overrides", nargs="*", help="TokenizerConfig overrides key=value (e.g. image_size=512)")
-    p.add_argument("--key", default=None, help="checkpoint entry holding the weights (default: model, state_dict, "
-                                                "ema, or the bare dict)")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    import yaml
-
-    overrides = {}
-    for item in args.overrides:
-        if "=" not in item:
-            p.error(f"override {item!r} is not key=value")
-        k, v = item.split("=", 1)
-        overrides[k] = yaml.safe_load(v)
-    check_output_dir(args.out_dir, what="OUT_DIR")  # before reading the checkpoint
-    model = convert_mgvq_tokenizer(load_checkpoint_state_dict(args.checkpoint, args.key), overrides)
-    nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    check_output_dir(args.out_dir, need_bytes=nbytes, what="OUT_DIR")  # room for the safetensors
-    model.save_pretrained(args.out_dir)
-    cfg = model.config
-    print(f"converted {args.checkpoint} -> {args.out_dir}: {model.num_parameters() / 1e6:.2f}M params, "
-          f"widths={cfg.dcae['width_list']} enc={cfg.dcae['encoder_depth_list']} dec={cfg.dcae['decoder_depth_list']} "
-          f"f={cfg.downsample} G={cfg.groups} K={cfg.codebook_size} C={cfg.latent_dim}")
-    return 0
+    return run_cli("mgvq convert --from mgvq-tokenizer", convert_mgvq_tokenizer,
+                   lambda c: f"widths={c.dcae['width_list']} enc={c.dcae['encoder_depth_list']} "
+                             f"dec={c.dcae['decoder_depth_list']} f={c.downsample} G={c.groups} "
+                             f"K={c.codebook_size} C={c.latent_dim}", argv, __doc__)
 
 
 if __name__ == "__main__":

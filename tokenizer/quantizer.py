@@ -17,7 +17,6 @@ the released MGVQ stores them, so its `quantize.embedding.weight` loads unchange
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
