@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     from torchvision.utils import save_image
 
     from pipelines import MGVQPipeline
+    from tokenizer.outdir import check_output_dir
+
+    # an unwritable --out fails before the model is loaded and sampled
+    check_output_dir((os.path.dirname(a.out) or ".") if a.out.endswith(".png") else a.out, what="--out")
 
     pipe = MGVQPipeline.from_pretrained(a.pipeline).to(a.device)
     labels = [int(l) if l.lstrip("-").isdigit() else l for l in a.labels]

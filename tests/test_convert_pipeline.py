@@ -122,3 +122,14 @@ def test_compare_llamagen_and_mgvq_in_one_table(llamagen_pipeline, mgvq_pipeline
     assert row["num_images"] == 4 and row["fid"] == pytest.approx(solo["fid"], rel=1e-6)
     assert row["inception_score"] == pytest.approx(solo["inception_score"], rel=1e-6)
     assert table["results"]["llamagen"]["fid"] != pytest.approx(row["fid"])
+
+
+def test_mgvq_sample_cli_writes_grid_and_refuses_unwritable_out(llamagen_pipeline, tmp_path):
+    assert mgvq(["sample", "--pipeline", str(llamagen_pipeline), "--labels", "1", "2", "--n", "2",
+                 "--out", str(tmp_path / "grid.png")]) == 0
+    from PIL import Image
+
+    assert Image.open(tmp_path / "grid.png").size[0] > 8
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(OSError, match="--out"):
+        mgvq(["sample", "--pipeline", str(llamagen_pipeline), "--labels", "1", "--out", str(tmp_path / "a_file" / "x")])
