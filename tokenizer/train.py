@@ -188,6 +188,20 @@ class TrainState:
             setattr(self, k, v)
 
 
+class UsageWindowPosition:
+    """The quantizer's usage ring-buffer write position (a non-persistent buffer, so not in the model's state_dict)
+    saved with the checkpoint, so that a resumed run reports exactly the usage of an uninterrupted one."""
+
+    def __init__(self, quantizer):
+        self.q = quantizer
+
+    def state_dict(self):
+        return {"pos": self.q._window_pos.tolist()}
+
+    def load_state_dict(self, d):
+        self.q._window_pos.copy_(torch.tensor(d["pos"], dtype=torch.long))
+
+
 class EMA(torch.nn.Module):
     """fp32 exponential moving average of a model's parameters (buffers copied)."""
 
@@ -286,6 +300,7 @@ def train(cfg: TrainConfig) -> dict:
     acc.register_for_checkpointing(state)
     if ema is not None:
         acc.register_for_checkpointing(ema)
+    acc.register_for_checkpointing(UsageWindowPosition(raw.quantize))
 
     # resume
     ckpts = _checkpoints(out)
