@@ -64,7 +64,7 @@ def load_labels(spec: str | None, num_classes: int) -> list[str] | None:
 
 def assemble_pipeline(argv: list[str]) -> int:
     """--from pipeline TOKENIZER_DIR GENERATOR_DIR OUT_DIR [--labels ...] [key=value sampling defaults]."""
-    import json
+    import yaml
 
     from generator import GPT
     from pipelines.pipeline import MGVQPipeline, SamplingDefaults
@@ -77,7 +77,7 @@ def assemble_pipeline(argv: list[str]) -> int:
             labels = next(it, None)
         elif "=" in a and not a.startswith("-"):
             k, v = a.split("=", 1)
-            defaults[k] = json.loads(v) if v not in ("None", "none") else None
+            defaults[k] = None if v in ("None", "none") else yaml.safe_load(v)  # same syntax as the other converters
         else:
             pos.append(a)
     if len(pos) != 3:

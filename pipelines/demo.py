@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -164,34 +163,9 @@ def cache_codes(out: Path, tok_dir: Path, data_path: Path, p: dict) -> Path:
             "--batch-size", "256", "--num-workers", "0", "--shard-size", "8192"]
     if p["cache_limit"] is not None:
         argv += ["--limit", str(p["cache_limit"])]
-    # cache_codes looks for Fashion-MNIST in the Debian folder, then $MGVQ_DATA_DIR/fashion-mnist: when the data is
-    # only at --data-dir, point the latter there for the duration of the call
-    env_old, link_root = os.environ.get("MGVQ_DATA_DIR"), None
-    if _default_data() is None:
-        link_root = out / ".data-link"
-        link_root.mkdir(parents=True, exist_ok=True)
-        (link_root / "fashion-mnist").symlink_to(Path(data_path).resolve(), target_is_directory=True)
-        os.environ["MGVQ_DATA_DIR"] = str(link_root)
-    try:
-        cc.main(argv)
-    finally:
-        if link_root is not None:
-            if env_old is None:
-                os.environ.pop("MGVQ_DATA_DIR", None)
-            else:
-                os.environ["MGVQ_DATA_DIR"] = env_old
-            shutil.rmtree(link_root, ignore_errors=True)
+    cc.main(argv + ["--data-path", str(data_path)])
     mark_done(folder, settings)
     return folder
-
-
-def _default_data() -> Path | None:
-    from tokenizer.data import find_fashion_mnist
-
-    try:
-        return find_fashion_mnist(None, download=False)
-    except FileNotFoundError:
-        return None
 
 
 def train_generator(out: Path, codes_dir: Path, tok, p: dict, seed: int) -> Path:

@@ -223,3 +223,21 @@ def test_help_shows_an_example(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "examples:" in out and "--tokenizer runs/tok/final --data fashion-mnist" in out
+
+
+def test_fashion_mnist_data_path_is_honoured(tmp_path):
+    """--data-path points `--data fashion-mnist` at a user folder (the demo's --data-dir) instead of the defaults."""
+    import shutil as _sh
+    from pathlib import Path
+
+    from tokenizer import cache_codes as cc
+
+    src = Path("/usr/share/datasets/fashion-mnist")
+    if not src.is_dir():
+        pytest.skip("Debian dataset-fashion-mnist not installed")
+    with pytest.raises(FileNotFoundError, match="not found in .*nowhere"):
+        cc.open_source("fashion-mnist", "test", None, str(tmp_path / "nowhere"))
+    mine = tmp_path / "fm"
+    _sh.copytree(src, mine)
+    ds, desc = cc.open_source("fashion-mnist", "test", None, str(mine))
+    assert len(ds) == 10000 and desc["data"] == "fashion-mnist:test"

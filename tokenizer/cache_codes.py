@@ -122,10 +122,11 @@ def to_model_input(views_uint8: torch.Tensor) -> torch.Tensor:
 SPLIT_DIRS = {"train", "val", "validation", "test"}
 
 
-def open_source(data: str, split: str = "train", label_column: str | None = None):
+def open_source(data: str, split: str = "train", label_column: str | None = None, data_path: str | None = None):
     """--data -> a tokenizer.data RobustImageDataset (its `decode(i)` raises on unreadable images, `labels`,
     `class_names`); its own training transform is not used here. A folder whose sub-folders are only split names
-    (train/ val/ ...) is read at <data>/<split>."""
+    (train/ val/ ...) is read at <data>/<split>. `data_path`: where the Fashion-MNIST IDX files are (default: the
+    Debian folder, then the cache, then a download)."""
     if data == "fashion-mnist":
         data = f"fashion-mnist:{split}"
     elif os.path.isdir(data):
@@ -137,7 +138,8 @@ def open_source(data: str, split: str = "train", label_column: str | None = None
     elif not data.startswith(("fashion-mnist", "hf:")) and not os.path.exists(data):
         raise FileNotFoundError(f"--data {data!r} does not exist (valid: 'fashion-mnist', an image folder, a "
                                 "datasets save_to_disk dir, Parquet file(s) / a folder of them, 'hf:<name>')")
-    src = build_dataset(data, image_size=8, train=False, split=split, label_column=label_column or "label")
+    src = build_dataset(data, image_size=8, train=False, split=split, label_column=label_column or "label",
+                        path=data_path if data.startswith("fashion-mnist") else None)
     desc = {"data": data, "path": os.path.abspath(data) if os.path.exists(data) else None, "split": split,
             "kind": type(src).__name__}
     return src, desc
@@ -298,6 +300,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, help="MGVQTokenizer.save_pretrained folder")
     p.add_argument("--data", required=True, help="'fashion-mnist', an ImageNet-layout folder (root/<class>/<img>), "
                                                  "a datasets save_to_disk dir, or Parquet file(s) / a folder of them")
+    p.add_argument("--data-path", help="folder with the Fashion-MNIST IDX files for --data fashion-mnist (default: "
+                                       "/usr/share/datasets/fashion-mnist, then the cache, then a download)")
     p.add_argument("--split", default="train", help="split for fashion-mnist / DatasetDicts / split sub-folders")
     p.add_argument("--label-column", default=None, help="label column of a datasets source (default: 'label')")
     p.add_argument("--out", required=True, help="output folder (meta.json + data/*.parquet)")
@@ -362,7 +366,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.precision == "bf16" and acc.device.type != "cuda":
         raise SystemExit("--precision bf16 needs a CUDA device; use fp32 on CPU")
 
-    source, source_desc = open_source(args.data, args.split, args.label_column)
+    source, source_desc = open_source(args.data, args.split, args.label_column, args.data_path)
     fixed = _fixed_meta(args, tok, tok_sha, source, source_desc, grid)
     out = args.out
     n_bytes = fixed["source"]["num_images"] * fixed["views"]["count"] * grid[0] * grid[1] * cfg.groups
