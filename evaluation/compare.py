@@ -9,6 +9,9 @@ Example (ImageNet 256, 50k samples each, LlamaGen's evaluation settings):
         --num-images 50000 --guidance-scale 2.0 --top-k 0 --ref VIRTUAL_imagenet256_labeled.npz \\
         --inception-weights weights-inception-2015-12-05-6726825d.pth --out runs/compare
 
+--top-k / --top-p / --temperature take one value or one per sub-codebook (`--top-k 4096,4096,2048,1024`); a list
+must fit every pipeline's G. top-k counts codes (MGVQ's sample_c2i.py `--top-k 12` is log2: `--top-k 4096` here).
+
 Each pipeline gets its own resumable sub-folder `--out/NAME` (PNGs, samples.npz, metrics.json); the table is also
 written to `--out/compare.json`. All other options are those of `mgvq evaluate-generation` and apply to every pipeline.
 """
@@ -43,6 +46,14 @@ def main(argv: list[str] | None = None) -> int:
         runs.append((name, path))
     if len({n for n, _ in runs}) != len(runs):
         raise SystemExit("--pipeline names must be unique")
+    # every pipeline's settings are checked before the first one samples (one value or one per sub-codebook each)
+    shared = S._parser().parse_args(["--pipeline", runs[0][1], "--out", args.out, *rest])
+    for name, path in runs:
+        shared.pipeline = path
+        try:
+            S.validate_args(shared)
+        except SystemExit as e:
+            raise SystemExit(f"compare --pipeline {name}={path}: {e}") from None
     out = Path(args.out)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     table = {}

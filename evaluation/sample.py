@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from evaluation import metrics as M
 from evaluation.outdir import check_output_dir
+from runtime.cli_args import add_sampling_args, check_sampling_args, pipeline_layout
 
 # sample_fn(labels (B,) int64, seeds list[int]) -> float (B, 3, H, W) in [0, 1]
 SampleFn = Callable[[torch.Tensor, list], torch.Tensor]
@@ -258,9 +259,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, help="classes to balance over (default: the generator's)")
     p.add_argument("--batch-size", type=int, default=32, help="images per sampler call per process (default 32)")
     p.add_argument("--guidance-scale", type=float, help="CFG scale (default: the pipeline's)")
-    p.add_argument("--temperature", type=float, help="sampling temperature (default: the pipeline's)")
-    p.add_argument("--top-k", type=int, help="top-k as the pipeline defines it (default: the pipeline's)")
-    p.add_argument("--top-p", type=float, help="nucleus top-p (default: the pipeline's)")
+    add_sampling_args(p, default_note=" (default: the pipeline's)")  # one value or one per sub-codebook
     p.add_argument("--cfg-interval", type=int, help="CFG interval (default: the pipeline's)")
     p.add_argument("--seed", type=int, default=0,
                    help="base seed; image i has seed+i (a batch is sampled with its first image's seed)")
@@ -287,12 +286,11 @@ def validate_args(args: argparse.Namespace) -> None:
             bad(flag, v, "an integer >= 1")
     if args.guidance_scale is not None and not args.guidance_scale >= 0:
         bad("--guidance-scale", args.guidance_scale, ">= 0 (1.0 = no guidance)")
-    if args.temperature is not None and not args.temperature >= 0:
-        bad("--temperature", args.temperature, ">= 0 (0 = greedy)")
-    if args.top_k is not None and args.top_k < 0:
-        bad("--top-k", args.top_k, ">= 0 (0 = off, 1 = greedy)")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        bad("--top-p", args.top_p, "in (0, 1]")
+    # --temperature / --top-k / --top-p values were checked when parsed; their count (one or G) and top-k <= K here
+    layout = pipeline_layout(args.pipeline) if args.pipeline is not None else None
+    if layout is not None:
+        check_sampling_args(dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p), *layout,
+                            prog="evaluate-generation")
     if args.seed < 0:
         bad("--seed", args.seed, ">= 0")
 

@@ -4,6 +4,10 @@
     mgvq convert --from mgvq-gpt MGVQ_GPT_XXL.pt weights/mgvq-gpt-xxl --tokenizer weights/mgvq-f16-g4
     python -m generator.convert --from mgvq-gpt CKPT OUT --codebook codebook.safetensors [key=value ...]
 
+Sampling a converted MGVQ GPT like MGVQ's demo_gen.sh: its sample_c2i.py `--top-k 12` is log2 (2**12 codes per
+sub-codebook), i.e. `mgvq sample ... --top-k 4096` / `pipe(..., top_k=4096)` here (or one count per group:
+`--top-k 4096,4096,4096,4096`); `--from pipeline ... top_k=4096` stores it as the pipeline's default.
+
 Everything else (dim, n_layer, K, G, C, num_classes, n_kv_head, grid for MGVQ) is inferred from the weights;
 key=value pairs override GPTConfig fields (e.g. grid=24, n_head=16, dropouts).
 

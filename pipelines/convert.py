@@ -1,4 +1,4 @@
-"""`mgvq convert --from KIND CHECKPOINT OUT_DIR [key=value ...]`: third-party checkpoints -> this project's folders.
+r"""`mgvq convert --from KIND CHECKPOINT OUT_DIR [key=value ...]`: third-party checkpoints -> this project's folders.
 
 Kinds:
   llamagen-vq     LlamaGen VQ-16 / VQ-8 tokenizer (.pt, weights under "model"/"ema"/"state_dict" or bare)
@@ -16,6 +16,10 @@ Examples:
   mgvq convert --from mgvq-gpt MGVQ_GPT_XXL.pt weights/mgvq-gpt-xxl --tokenizer weights/mgvq-f16-g4 grid=24
   mgvq convert --from pipeline weights/llamagen-vq16 weights/llamagen-gpt-l pipelines/llamagen-l --labels imagenet \
       guidance_scale=2.0
+  mgvq convert --from pipeline weights/mgvq-f16-g4 weights/mgvq-gpt-xxl pipelines/mgvq-xxl --labels imagenet \
+      top_k=4096
+  (MGVQ's sample_c2i.py takes top-k as log2: its `--top-k 12` keeps 2**12 codes per sub-codebook, top_k=4096 here;
+  a per-group default is a YAML list: top_k=[4096,4096,2048,1024].)
 
 Checkpoints are read with torch.load(weights_only=True) (or safetensors); nothing in them is executed.
 """

@@ -159,6 +159,13 @@ class MGVQPipeline:
                  groups_to_use: int | None = None, num_images_per_label: int = 1, batch_size: int | None = None,
                  generator: torch.Generator | None = None, output_type: str = "pil", return_dict: bool = True,
                  progress: bool = True):
+        """Sample images for `class_labels` (ids or names); None settings fall back to the pipeline's defaults.
+
+        temperature / top_k / top_p: one value for every sub-codebook or a list of G values (one per group).
+        top_k is a COUNT of codes kept (None or 0 = off, 1 = greedy). MGVQ's released sampler (sample_c2i.py)
+        takes it as log2 instead: its `--top-k 12` means top_k=2**12=4096 here (per group: [4096] * G).
+        groups_to_use=k decodes from the first k sub-codebooks only (coarse-to-fine).
+        """
         d = self.defaults
         guidance_scale = d.guidance_scale if guidance_scale is None else guidance_scale
         temperature = d.temperature if temperature is None else temperature

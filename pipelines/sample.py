@@ -1,7 +1,9 @@
 """`mgvq sample`: class-conditional samples from a saved pipeline, as a PNG grid and/or one PNG per image.
 
-Example:
+Examples:
     mgvq sample --pipeline runs/demo/pipeline --labels sneaker bag 3 --n 4 --guidance-scale 4 --out samples.png
+    # one top-k per sub-codebook (G=4); MGVQ's sample_c2i.py `--top-k 12` (log2) is `--top-k 4096` here
+    mgvq sample --pipeline weights/mgvq-xxl --labels 207 --top-k 4096,4096,2048,1024 --temperature 1.0 --out s.png
 """
 from __future__ import annotations
 
@@ -11,10 +13,7 @@ import sys
 
 import torch
 
-
-def _num_or_list(s: str):
-    vals = [float(v) if "." in v or "e" in v else int(v) for v in s.split(",")]
-    return vals[0] if len(vals) == 1 else vals
+from runtime.cli_args import add_sampling_args, check_sampling_args, pipeline_layout
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,9 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--labels", nargs="+", required=True, help="class ids or class names")
     p.add_argument("--n", type=int, default=1, help="images per label")
     p.add_argument("--guidance-scale", type=float, default=None)
-    p.add_argument("--temperature", type=_num_or_list, default=None, help="scalar or one value per group: 1.0,0.9,...")
-    p.add_argument("--top-k", type=_num_or_list, default=None, help="scalar or per group; 0 = off, 1 = greedy")
-    p.add_argument("--top-p", type=_num_or_list, default=None)
+    add_sampling_args(p, default_note=" (default: the pipeline's)")
     p.add_argument("--cfg-interval", type=int, default=None)
     p.add_argument("--groups-to-use", type=int, default=None, help="decode from the first k groups only")
     p.add_argument("--batch-size", type=int, default=None)
@@ -41,8 +38,15 @@ def main(argv: list[str] | None = None) -> int:
 
     # an unwritable --out fails before the model is loaded and sampled
     check_output_dir((os.path.dirname(a.out) or ".") if a.out.endswith(".png") else a.out, what="--out")
+    layout = pipeline_layout(a.pipeline)  # per-group counts checked before the model is loaded
+    sampling = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
+    if layout is not None:
+        check_sampling_args(sampling, *layout, prog="mgvq sample")
 
     pipe = MGVQPipeline.from_pretrained(a.pipeline).to(a.device)
+    if layout is None:  # a hub id: checked once the config is here
+        check_sampling_args(sampling, pipe.generator.config.groups, pipe.generator.config.codebook_size,
+                            prog="mgvq sample")
     labels = [int(l) if l.lstrip("-").isdigit() else l for l in a.labels]
     g = torch.Generator(a.device).manual_seed(a.seed)
     out = pipe(labels, guidance_scale=a.guidance_scale, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
