@@ -211,8 +211,19 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(cfg.dim, cfg.ffn_hidden, cfg.ffn_dropout_p)
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        # activation checkpointing of this block in training (set by generator.perf.optimize_for_training):
+        # None = off (or GPTConfig.grad_checkpointing, applied by GPT.backbone), else extra keyword arguments of
+        # torch.utils.checkpoint.checkpoint ({} = recompute the whole block; context_fn = selective). Applied
+        # inside forward, so a regional torch.compile of the block compiles the checkpointed region too.
+        self.activation_checkpointing: dict | None = None
 
     def forward(self, x, freqs_cis, input_pos=None):
+        ac = self.activation_checkpointing
+        if ac is not None and self.training and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, freqs_cis, input_pos, use_reentrant=False, **ac)
+        return self._forward(x, freqs_cis, input_pos)
+
+    def _forward(self, x, freqs_cis, input_pos=None):
         h = x + self.attention(self.attention_norm(x), freqs_cis, input_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -409,7 +420,7 @@ class GPT(nn.Module):
         freqs = self.freqs_cis[: x.shape[1]] if input_pos is None else self.freqs_cis[input_pos]
         h = self.tok_dropout(x)
         for layer in self.layers:
-            if self.config.grad_checkpointing and self.training:
+            if self.config.grad_checkpointing and self.training and layer.activation_checkpointing is None:
                 h = checkpoint(layer, h, freqs, input_pos, use_reentrant=False)
             else:
                 h = layer(h, freqs, input_pos)
