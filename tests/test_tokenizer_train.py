@@ -93,7 +93,7 @@ def test_config_errors_are_loud(tmp_path):
         main(["steps=1", "model=mgvq-tinny", f"out_dir={tmp_path}"])
     with pytest.raises(ValueError, match=r"latent_dim \(30\) must be a positive multiple of groups \(4\)"):
         main(["steps=1", "model_overrides.latent_dim=30", f"out_dir={tmp_path}"])
-    cfg = load_config("configs/tokenizer/mgvq-f16-g8-imagenet.yaml")
+    cfg = load_config("configs/tokenizer/vqgan-f16-g8-imagenet-ablation.yaml")
     assert (cfg.model, cfg.batch_size, cfg.lr, cfg.betas, cfg.epochs) == ("mgvq-f16-g8", 16, 1e-4, (0.9, 0.95), 40)
     assert (cfg.loss_config().disc_start, cfg.loss_config().disc_weight) == (20000, 0.5)
     tiny = load_config("configs/tokenizer/tiny.yaml", ["steps=7", "loss.disc_weight=0"])
