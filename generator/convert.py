@@ -4,11 +4,8 @@
     mgvq convert --from mgvq-gpt MGVQ_GPT_XXL.pt weights/mgvq-gpt-xxl --tokenizer weights/mgvq-f16-g4
     python -m generator.convert --from mgvq-gpt CKPT OUT --codebook codebook.safetensors [key=value ...]
 
-Sampling a converted MGVQ GPT like MGVQ's demo_gen.sh: its sample_c2i.py `--top-k 12` is log2 (2**12 codes per
-sub-codebook), i.e. `mgvq sample ... --top-k 4096` / `pipe(..., top_k=4096)` here (or one count per group:
-`--top-k 4096,4096,4096,4096`); `--from pipeline ... top_k=4096` stores it as the pipeline's default.
-
-Everything else (dim, n_layer, K, G, C, num_classes, n_kv_head, grid for MGVQ) is inferred from the weights;
+Everything else (dim, n_layer, K, G, C, num_classes, n_kv_head, the SwiGLU width, grid for MGVQ) is inferred from
+the weights (a GPT built with another multiple_of / ffn_dim_multiplier converts as it is);
 key=value pairs override GPTConfig fields (e.g. grid=24, n_head=16, dropouts).
 
 Codebook for the MGVQ projector input (the generator never imports tokenizer/):
@@ -18,6 +15,10 @@ Codebook for the MGVQ projector input (the generator never imports tokenizer/):
                                (raw, unnormalised rows, group g owning rows [g*K, (g+1)*K)) and DIR/config.json
                                field "groups" (checked against the GPT). This is the contract with tokenizer/.
 Checkpoints are read with torch.load(weights_only=True) or safetensors; nothing in them is executed.
+
+Sampling a converted MGVQ GPT like MGVQ's demo_gen.sh: its sample_c2i.py `--top-k 12` is log2 (2**12 codes per
+sub-codebook), i.e. `mgvq sample ... --top-k 4096` / `pipe(..., top_k=4096)` here (or one count per group:
+`--top-k 4096,4096,4096,4096`); `--from pipeline ... top_k=4096` stores it as the pipeline's default.
 """
 from __future__ import annotations
 
@@ -90,12 +91,46 @@ def _backbone_config(sd: dict, overrides: dict, kind: str) -> dict:
     n_kv_head = (qkv_rows - dim) // (2 * hd)
     cfg = dict(dim=dim, n_layer=_n_layer(sd), n_head=n_head, n_kv_head=None if n_kv_head == n_head else n_kv_head,
                num_classes=sd["cls_embedding.embedding_table.weight"].shape[0] - 1)
-    hidden = sd["layers.0.feed_forward.w1.weight"].shape[0]
-    probe = GPTConfig(**{**cfg, "n_head": n_head})
-    if probe.ffn_hidden != hidden:
-        raise ValueError(f"{kind}: SwiGLU hidden {hidden} != find_multiple(int(8*{dim}/3), 256) = {probe.ffn_hidden}; "
-                         f"pass multiple_of= / ffn_dim_multiplier= to match")
+    cfg.update(_ffn_fields(sd, cfg, overrides, kind))
     return cfg
+
+
+def _ffn_fields(sd: dict, cfg: dict, overrides: dict, kind: str) -> dict:
+    """multiple_of / ffn_dim_multiplier that give the SwiGLU width the weights have (w1: (hidden, dim)).
+
+    LlamaGen computes hidden = find_multiple(int(ffn_dim_multiplier * int(8 * dim / 3)), multiple_of); a checkpoint
+    built with another multiple_of (or a multiplier) has another width. The weights fix the width, so it is read
+    from them: the largest power-of-two multiple_of that reproduces it (256, LlamaGen's default, when it does), else a
+    multiplier. Explicit multiple_of= / ffn_dim_multiplier= overrides must reproduce it too."""
+    hidden = sd["layers.0.feed_forward.w1.weight"].shape[0]
+    widths = {sd[k].shape[0] for k in sd if re.fullmatch(r"layers\.\d+\.feed_forward\.w1\.weight", k)}
+    if len(widths) != 1:
+        raise ValueError(f"{kind}: the layers have different SwiGLU widths {sorted(widths)}; GPTConfig has one width")
+    for k in ("w3", "w2"):
+        shape = tuple(sd[f"layers.0.feed_forward.{k}.weight"].shape)
+        want = (hidden, cfg["dim"]) if k == "w3" else (cfg["dim"], hidden)
+        if shape != want:
+            raise ValueError(f"{kind}: layers.0.feed_forward.{k}.weight is {shape}, expected {want} (w1 gives the "
+                             f"SwiGLU width {hidden})")
+
+    def width(multiple_of, multiplier):
+        return GPTConfig(**{**cfg, "multiple_of": multiple_of, "ffn_dim_multiplier": multiplier}).ffn_hidden
+
+    if "multiple_of" in overrides or "ffn_dim_multiplier" in overrides:
+        m, f = overrides.get("multiple_of", 256), overrides.get("ffn_dim_multiplier")
+        if width(m, f) != hidden:
+            raise ValueError(f"{kind}: multiple_of={m}, ffn_dim_multiplier={f} give a SwiGLU width of {width(m, f)}, "
+                             f"but the weights have {hidden} (layers.0.feed_forward.w1.weight); drop both overrides "
+                             f"and the width is taken from the weights")
+        return {"multiple_of": m, "ffn_dim_multiplier": f}
+    base = int(2 * (4 * cfg["dim"]) / 3)
+    powers = [256] + [2 ** i for i in range(12, -1, -1) if i != 8]  # LlamaGen's 256 first, then 4096 ... 1
+    for multiplier in (None, hidden / base, (hidden + 0.5) / base):
+        for m in powers:
+            if width(m, multiplier) == hidden:
+                return {"multiple_of": m, "ffn_dim_multiplier": multiplier}
+    raise ValueError(f"{kind}: no multiple_of / ffn_dim_multiplier reproduces the SwiGLU width {hidden} for dim="
+                     f"{cfg['dim']}")  # unreachable: (hidden + 0.5) / base with multiple_of=1 always does
 
 
 def _finish(cfg: dict, overrides: dict, sd: dict, codebook=None) -> GPT:
@@ -110,7 +145,8 @@ def _finish(cfg: dict, overrides: dict, sd: dict, codebook=None) -> GPT:
 def convert_llamagen_gpt(state_dict: dict, overrides: dict | None = None) -> GPT:
     """LlamaGen c2i `Transformer` -> GPT (G=1, input "sum", head "parallel"). Keys map one to one.
 
-    Inferred: dim, n_layer, codebook_size, num_classes, n_kv_head; n_head from the LlamaGen preset of that width;
+    Inferred: dim, n_layer, codebook_size, num_classes, n_kv_head, SwiGLU width (multiple_of / ffn_dim_multiplier);
+    n_head from the LlamaGen preset of that width;
     grid from freqs_cis if the checkpoint has it, else overrides["grid"], else 24 for XL/XXL/3B (384-only releases).
     """
     overrides = dict(overrides or {})
@@ -154,6 +190,13 @@ def convert_mgvq_gpt(state_dict: dict, codebook: torch.Tensor, overrides: dict |
     cfg.update(groups=groups, codebook_size=sd["ar_head.tok_emb.weight"].shape[0], input_mode="projector",
                head="ar", codebook_embed_dim=sd["img_projector.0.weight"].shape[1],
                ar_head_layers=_n_layer(sd, "ar_head.causal_space_blocks."))
+    # sizes the weights fix but GPTConfig derives from dim: refuse loudly instead of a bare size-mismatch error
+    for key, want, what in (("img_projector.0.weight", (dim // 2, cfg["codebook_embed_dim"]), "projector hidden D/2"),
+                            ("ar_head.causal_space_blocks.0.feed_forward.w1.weight", (4 * dim, dim),
+                             "AR-head SwiGLU width 4*D")):
+        if key in sd and tuple(sd[key].shape) != want:
+            raise ValueError(f"{kind}: {key} is {tuple(sd[key].shape)}, but this GPT has {what} = {want} for "
+                             f"dim={dim} (MGVQ's gpt_emb_simple.py / ar_head.py); the checkpoint is not MGVQ's layout")
     if "grid" not in overrides:
         if math.isqrt(L) ** 2 != L:
             raise ValueError(f"{kind}: ar_head.pos_emb has {L} rows, not a square grid; pass grid=...")
