@@ -801,7 +801,9 @@ def train(cfg: TrainConfig, decode_fn=None, codebook: torch.Tensor | None = None
     ckpt_dir = last_ckpt or list_checkpoints(out)[-1]
     summary = {"step": step, "skipped_steps": state["skipped_steps"], "final_eval_loss": eval_loss,
                "eval_items": len(eval_items), "checkpoint": ckpt_dir, "num_parameters": n_params,
-               "zero_stage": zero_stage, "world_size": world, "precision": acc.mixed_precision}
+               "zero_stage": zero_stage, "world_size": world, "precision": acc.mixed_precision,
+               # which tokenizer made the codes (shards' meta.json); `mgvq convert --from pipeline` checks it
+               "tokenizer_sha256": (meta.get("tokenizer") or {}).get("weights_sha256")}
     acc.wait_for_everyone()
     if main:
         if is_ds:

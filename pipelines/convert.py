@@ -7,7 +7,9 @@ Kinds:
   mgvq-gpt        released MGVQ GPT (needs --tokenizer DIR: its input projector reads the tokenizer's raw codebook)
   pipeline        assemble converted (or trained) TOKENIZER_DIR + GENERATOR_DIR into a pipeline folder that
                   MGVQPipeline.from_pretrained loads: --from pipeline TOKENIZER_DIR GENERATOR_DIR OUT_DIR
-                  [--labels imagenet|FILE.json|FILE.txt] [guidance_scale=.. top_k=.. ...sampling defaults]
+                  [--labels imagenet|FILE.json|FILE.txt] [--codes SHARDS_DIR] [guidance_scale=.. top_k=.. ...]
+                  Refuses a tokenizer whose weights' sha256 differs from the one that made the generator's codes
+                  (recorded by generator.train in GENERATOR_DIR/train_summary.json, or SHARDS_DIR/meta.json).
 
 Examples:
   mgvq convert --from llamagen-vq vq_ds16_c2i.pt weights/llamagen-vq16
@@ -66,33 +68,75 @@ def load_labels(spec: str | None, num_classes: int) -> list[str] | None:
     return names
 
 
+def recorded_tokenizer_sha256(gen_dir: str, codes_dir: str | None = None) -> tuple[str | None, str]:
+    """(sha256 of the tokenizer that made the generator's training codes, where it was recorded) or (None, "").
+
+    Read from CODES_DIR/meta.json (`tokenizer.weights_sha256`) when --codes is given, else from the generator
+    folder: train_summary.json `tokenizer_sha256` (generator.train writes it), else a pipeline folder's
+    pipeline_config.json `tokenizer_sha256` one level up (GENERATOR_DIR = PIPELINE/generator)."""
+    import json
+    import os
+
+    if codes_dir is not None:
+        meta = os.path.join(codes_dir, "meta.json")
+        if not os.path.isfile(meta):
+            raise SystemExit(f"--codes {codes_dir}: no meta.json (a `mgvq cache-codes` output folder has one)")
+        with open(meta) as f:
+            sha = (json.load(f).get("tokenizer") or {}).get("weights_sha256")
+        if not sha:
+            raise SystemExit(f"--codes {codes_dir}: meta.json records no tokenizer.weights_sha256")
+        return sha, f"{meta} (tokenizer.weights_sha256)"
+    for path, key in ((os.path.join(gen_dir, "train_summary.json"), "tokenizer_sha256"),
+                      (os.path.join(gen_dir, os.pardir, "pipeline_config.json"), "tokenizer_sha256")):
+        if os.path.isfile(path):
+            with open(path) as f:
+                sha = json.load(f).get(key)
+            if sha:
+                return sha, f"{os.path.normpath(path)} ({key}, from the codes' meta.json)"
+    return None, ""
+
+
 def assemble_pipeline(argv: list[str]) -> int:
-    """--from pipeline TOKENIZER_DIR GENERATOR_DIR OUT_DIR [--labels ...] [key=value sampling defaults]."""
+    """--from pipeline TOKENIZER_DIR GENERATOR_DIR OUT_DIR [--labels ...] [--codes SHARDS] [key=value defaults]."""
     import yaml
 
     from generator import GPT
     from pipelines.pipeline import MGVQPipeline, SamplingDefaults
+    from runtime.fingerprint import check_same_tokenizer
     from tokenizer import MGVQTokenizer
 
-    labels, pos, defaults = None, [], {}
+    labels, codes, pos, defaults = None, None, [], {}
     it = iter(argv)
     for a in it:
         if a == "--labels":
             labels = next(it, None)
+        elif a == "--codes":
+            codes = next(it, None)
+            if codes is None:
+                raise SystemExit("--codes needs the code-shard folder the generator was trained on (its meta.json)")
         elif "=" in a and not a.startswith("-"):
             k, v = a.split("=", 1)
             defaults[k] = None if v in ("None", "none") else yaml.safe_load(v)  # same syntax as the other converters
         else:
             pos.append(a)
     if len(pos) != 3:
-        raise SystemExit("usage: mgvq convert --from pipeline TOKENIZER_DIR GENERATOR_DIR OUT_DIR [--labels ...] [k=v]")
+        raise SystemExit("usage: mgvq convert --from pipeline TOKENIZER_DIR GENERATOR_DIR OUT_DIR [--labels ...] "
+                         "[--codes SHARDS] [k=v]")
     from tokenizer.outdir import check_output_dir
 
     check_output_dir(pos[2], what="OUT_DIR")
+    # the tokenizer must be the one that made the generator's training codes (sha256 of its weights file)
+    sha, where = recorded_tokenizer_sha256(pos[1], codes)
+    if sha is not None:
+        check_same_tokenizer(pos[0], sha, what=where)
+    else:
+        print(f"note: {pos[1]} records no tokenizer sha256 (a converted or hand-made generator) and no --codes was "
+              f"given, so nothing checks that {pos[0]} made its codes", file=sys.stderr)
     tok = MGVQTokenizer.from_pretrained(pos[0])
     gen = GPT.from_pretrained(pos[1])
     names = load_labels(labels, gen.config.num_classes)
-    pipe = MGVQPipeline(tok, gen, id2label=names, sampling_defaults=SamplingDefaults.from_dict(defaults))
+    pipe = MGVQPipeline(tok, gen, id2label=names, sampling_defaults=SamplingDefaults.from_dict(defaults),
+                        tokenizer_sha256=sha)
     pipe.save_pretrained(pos[2])
     print(f"wrote pipeline to {pos[2]} ({gen.config.num_classes} classes, G={gen.config.groups}, "
           f"K={gen.config.codebook_size}, {pipe.image_size}px)")

@@ -1,17 +1,24 @@
 """`MGVQPipeline`: class label -> generator.generate -> sub-token indices -> tokenizer.decode -> images.
 
-    pipe = MGVQPipeline.from_pretrained("runs/demo/pipeline")
+    pipe = MGVQPipeline.from_pretrained("runs/demo/pipeline")          # a folder or a hub id ("user/name")
     ids = pipe.get_label_ids(["sneaker", "bag"])
     images = pipe(ids, guidance_scale=4.0, generator=torch.Generator().manual_seed(0)).images   # list of PIL
+    pipe.push_to_hub("user/mgvq-fashion", metrics="runs/eval/metrics.json")               # + a model card
 
-In the manner of diffusers' DiTPipeline. This is the only place (with the CLI) that wires the two stages together.
+In the manner of diffusers' DiTPipeline: `generator=` one torch.Generator or a list (one per image); every image
+gets its own random stream (with one generator, image i's seed is its i-th draw), so an image does not change with
+what else is in the batch or with batch_size. `pipe.to("cuda", torch.bfloat16)`, `pipe.to(torch.bfloat16)`;
+`pipe.set_progress_bar_config(disable=True)`; the output is indexable and iterable like diffusers' outputs.
+This is the only place (with the CLI) that wires the two stages together.
 """
 from __future__ import annotations
 
 import difflib
 import json
+import math
+import numbers
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Sequence
 
 import numpy as np
@@ -19,15 +26,34 @@ import torch
 from tqdm.auto import tqdm
 
 from generator import GPT, generate
+from runtime.fingerprint import check_same_tokenizer
+from runtime.hub import METRICS_NAME, MGVQHubMixin, read_json, resolve_folder
 from tokenizer import MGVQTokenizer
 
 CONFIG_NAME = "pipeline_config.json"
+CFG_SCHEDULES = ("constant", "linear")
 
 
 @dataclass
 class ImagePipelineOutput:
+    """`out.images` / `out.codes`; like diffusers' BaseOutput also `out[0]` (the images), `out[1]` (the codes),
+    `out["images"]`, and `images, codes = out`."""
+
     images: Any  # list[PIL.Image] | np.ndarray (B, H, W, 3) in [0, 1] | torch.Tensor (B, 3, H, W) in [0, 1]
     codes: torch.Tensor | None = None  # (B, h, w, G) sampled sub-token indices
+
+    def to_tuple(self) -> tuple:
+        return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            if key not in {f.name for f in fields(self)}:
+                raise KeyError(f"{key!r}; valid: {[f.name for f in fields(self)]}")
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+    def __iter__(self):
+        return iter(self.to_tuple())
 
 
 @dataclass
@@ -37,6 +63,7 @@ class SamplingDefaults:
     top_k: int | list | None = None
     top_p: float | list | None = None
     cfg_interval: int | None = None
+    cfg_schedule: str = "constant"
     groups_to_use: int | None = None
 
     @classmethod
@@ -62,12 +89,30 @@ def check_compatible(tokenizer: MGVQTokenizer, generator: GPT) -> None:
             raise ValueError(f"generator's frozen codebook has shape {tuple(cb.shape)}, tokenizer's is {tuple(want.shape)}")
 
 
-class MGVQPipeline:
+def _number(name: str, v, valid: str, integer: bool = False) -> float:
+    """v as a finite float (an integer when `integer`), else ValueError naming the setting and what is valid."""
+    if isinstance(v, bool) or not isinstance(v, (numbers.Real, torch.Tensor, np.generic)):
+        raise ValueError(f"{name}={v!r}: must be {valid}")
+    f = float(v)
+    if not math.isfinite(f):
+        raise ValueError(f"{name}={v}: not a finite number; must be {valid}")
+    if integer and f != int(f):
+        raise ValueError(f"{name}={v}: not an integer; must be {valid}")
+    return f
+
+
+class MGVQPipeline(MGVQHubMixin, tags=["class-conditional", "image-generation"]):
     def __init__(self, tokenizer: MGVQTokenizer, generator: GPT, id2label: dict | Sequence[str] | None = None,
-                 sampling_defaults: dict | SamplingDefaults | None = None):
+                 sampling_defaults: dict | SamplingDefaults | None = None, tokenizer_sha256: str | None = None):
+        """tokenizer_sha256: sha256 of the weights file of the tokenizer that made the generator's training codes
+        (the shards' meta.json); saved in pipeline_config.json and checked by from_pretrained. None: not recorded."""
         check_compatible(tokenizer, generator)
+        self._hub_mixin_config = None  # the folder's config is pipeline_config.json (no root config.json)
+        self.tokenizer_sha256 = tokenizer_sha256
         self.tokenizer = tokenizer.eval()
         self.generator = generator.eval()
+        self.metrics: dict | None = None
+        self._progress_bar_config: dict = {}
         n = generator.config.num_classes
         if id2label is None:
             id2label = {i: str(i) for i in range(n)}
@@ -100,14 +145,35 @@ class MGVQPipeline:
     def image_size(self) -> int:
         return self.generator.config.grid * self.tokenizer.config.downsample
 
-    def to(self, device=None, dtype=None) -> "MGVQPipeline":
-        """Move both stages. dtype applies to the generator; the tokenizer decodes in float32 unless it is bf16/fp16
-        and the device supports it (its BatchNorm / RMSNorm compute in fp32 anyway)."""
+    def to(self, *args, device=None, dtype=None) -> "MGVQPipeline":
+        """Move both stages, as diffusers: `.to("cuda")`, `.to(torch.bfloat16)`, `.to("cuda", torch.bfloat16)`,
+        `.to(device=..., dtype=...)`. dtype applies to the generator; the tokenizer takes it on CUDA only (on CPU it
+        decodes in float32; its norms compute in fp32 anyway)."""
+        for a in args:
+            if isinstance(a, torch.dtype):
+                if dtype is not None:
+                    raise ValueError(f"to(): two dtypes given ({dtype}, {a})")
+                dtype = a
+            elif isinstance(a, (str, torch.device, int)):
+                if device is not None:
+                    raise ValueError(f"to(): two devices given ({device}, {a})")
+                device = a
+            else:
+                raise ValueError(f"to(): {a!r} is neither a device ('cpu', 'cuda', torch.device) nor a torch.dtype")
+        if dtype is not None and not dtype.is_floating_point:
+            raise ValueError(f"to(): dtype {dtype} is not a floating type; valid: torch.float32, torch.bfloat16, "
+                             f"torch.float16")
+        if device is not None:
+            device = torch.device(device)
         self.generator.to(device=device, dtype=dtype)
         self.tokenizer.to(device=device)
-        if dtype is not None and torch.device(device or self.device).type == "cuda":
+        if dtype is not None and (device or self.device).type == "cuda":
             self.tokenizer.to(dtype=dtype)
         return self
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        """tqdm settings for the sampling progress bar, as diffusers (e.g. `disable=True`, `leave=False`)."""
+        self._progress_bar_config = dict(kwargs)
 
     # ---- labels ------------------------------------------------------------------------------------------
     def get_label_ids(self, names: str | Sequence[str]) -> list[int]:
@@ -125,12 +191,15 @@ class MGVQPipeline:
         return ids
 
     # ---- sampling ----------------------------------------------------------------------------------------
-    def _validate(self, labels: list[int], guidance_scale, temperature, top_k, top_p, groups_to_use):
+    def _validate(self, labels: list[int], guidance_scale, temperature, top_k, top_p, groups_to_use,
+                  cfg_interval=None, cfg_schedule="constant"):
+        """Raise ValueError for any setting sampling would choke on (out of range, NaN / inf, wrong count)."""
         n, G, K = self.generator.config.num_classes, self.generator.config.groups, self.generator.config.codebook_size
         bad = [l for l in labels if not 0 <= l < n]
         if bad:
             raise ValueError(f"class labels {bad[:10]} out of range: valid labels are 0..{n - 1}")
-        if guidance_scale is None or float(guidance_scale) < 0:
+        if guidance_scale is None or _number("guidance_scale", guidance_scale, "a finite number >= 0 (1.0 = no "
+                                                                              "guidance)") < 0:
             raise ValueError(f"guidance_scale={guidance_scale}: must be >= 0 (1.0 = no guidance)")
 
         def each(name, v):
@@ -141,30 +210,55 @@ class MGVQPipeline:
             return [v]
 
         for k in each("top_k", top_k):
-            if k is not None and (int(k) < 0 or int(k) > K):
+            if k is not None and not 0 <= _number("top_k", k, f"an integer in 0..K={K}", integer=True) <= K:
                 raise ValueError(f"top_k={k}: must be in 0..K={K} (None or 0 = off, 1 = greedy)")
         for p in each("top_p", top_p):
-            if p is not None and not 0.0 < float(p) <= 1.0:
+            if p is not None and not 0.0 < _number("top_p", p, "a number in (0, 1]") <= 1.0:
                 raise ValueError(f"top_p={p}: must be in (0, 1] (None = off)")
         for t in each("temperature", temperature):
-            if t is None or float(t) < 0:
+            if t is None or _number("temperature", t, "a finite number >= 0 (0 = greedy)") < 0:
                 raise ValueError(f"temperature={t}: must be >= 0 (0 = greedy)")
-        if groups_to_use is not None and not 1 <= int(groups_to_use) <= G:
+        if groups_to_use is not None and not 1 <= _number("groups_to_use", groups_to_use, f"an integer in 1..G={G}",
+                                                          integer=True) <= G:
             raise ValueError(f"groups_to_use={groups_to_use}: must be in 1..G={G} (None = all)")
+        if cfg_interval is not None:
+            _number("cfg_interval", cfg_interval, "an integer (-1 or None = every position)", integer=True)
+        if cfg_schedule not in CFG_SCHEDULES:
+            raise ValueError(f"cfg_schedule={cfg_schedule!r}: valid: {', '.join(map(repr, CFG_SCHEDULES))}")
+
+    def _per_image_generators(self, generator, n: int) -> list[torch.Generator]:
+        """One generator per image: the caller's list, or n generators on the pipeline's device seeded from n draws
+        of one (or of the global RNG when None), so image i depends on draw i only."""
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != n:
+                raise ValueError(f"generator: a list needs one torch.Generator per image ({n} = labels x "
+                                 f"num_images_per_label), got {len(generator)}")
+            if not all(isinstance(g, torch.Generator) for g in generator):
+                raise ValueError("generator: every list item must be a torch.Generator")
+            return list(generator)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator={generator!r}: must be a torch.Generator, a list of them, or None")
+        dev = generator.device if generator is not None else "cpu"
+        seeds = torch.randint(0, 2 ** 62, (n,), generator=generator, device=dev).tolist()
+        return [torch.Generator(self.device).manual_seed(int(s)) for s in seeds]
 
     @torch.no_grad()
     def __call__(self, class_labels: int | str | Sequence[int | str], guidance_scale: float | None = None,
                  temperature: float | list | None = None, top_k: int | list | None = None,
-                 top_p: float | list | None = None, cfg_interval: int | None = None,
+                 top_p: float | list | None = None, cfg_interval: int | None = None, cfg_schedule: str | None = None,
                  groups_to_use: int | None = None, num_images_per_label: int = 1, batch_size: int | None = None,
-                 generator: torch.Generator | None = None, output_type: str = "pil", return_dict: bool = True,
-                 progress: bool = True):
+                 generator: torch.Generator | list[torch.Generator] | None = None, output_type: str = "pil",
+                 return_dict: bool = True, progress: bool = True, compile: bool = False):
         """Sample images for `class_labels` (ids or names); None settings fall back to the pipeline's defaults.
 
         temperature / top_k / top_p: one value for every sub-codebook or a list of G values (one per group).
         top_k is a COUNT of codes kept (None or 0 = off, 1 = greedy). MGVQ's released sampler (sample_c2i.py)
         takes it as log2 instead: its `--top-k 12` means top_k=2**12=4096 here (per group: [4096] * G).
         groups_to_use=k decodes from the first k sub-codebooks only (coarse-to-fine).
+        cfg_schedule: "constant" or "linear" (guidance ramps from 1 to guidance_scale over the positions).
+        generator: a torch.Generator (image i is seeded by its i-th draw) or a list with one per image.
+        compile: torch.compile the decode step (generator.generate(compile=True); pays off on GPUs).
+        progress: False (or set_progress_bar_config(disable=True)) hides the progress bar.
         """
         d = self.defaults
         guidance_scale = d.guidance_scale if guidance_scale is None else guidance_scale
@@ -172,6 +266,7 @@ class MGVQPipeline:
         top_k = d.top_k if top_k is None else top_k
         top_p = d.top_p if top_p is None else top_p
         cfg_interval = d.cfg_interval if cfg_interval is None else cfg_interval
+        cfg_schedule = d.cfg_schedule if cfg_schedule is None else cfg_schedule
         groups_to_use = d.groups_to_use if groups_to_use is None else groups_to_use
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type={output_type!r}: valid are 'pil', 'np', 'pt'")
@@ -181,18 +276,21 @@ class MGVQPipeline:
         if num_images_per_label < 1:
             raise ValueError(f"num_images_per_label={num_images_per_label}: must be >= 1")
         labels = [l for l in labels for _ in range(num_images_per_label)]
-        self._validate(labels, guidance_scale, temperature, top_k, top_p, groups_to_use)
+        self._validate(labels, guidance_scale, temperature, top_k, top_p, groups_to_use, cfg_interval, cfg_schedule)
         bs = batch_size or len(labels)
         if bs < 1:
             raise ValueError(f"batch_size={batch_size}: must be >= 1")
+        gens = self._per_image_generators(generator, len(labels))
 
+        show = progress and not self._progress_bar_config.get("disable", False)
+        bar_cfg = {"desc": "sampling", **self._progress_bar_config}
         codes, images = [], []
-        chunks = [labels[i:i + bs] for i in range(0, len(labels), bs)]
-        for chunk in tqdm(chunks, desc="sampling", disable=not progress or len(chunks) == 1):
-            y = torch.tensor(chunk, device=self.device)
+        starts = range(0, len(labels), bs)
+        for i in tqdm(starts, **{**bar_cfg, "disable": not show or len(starts) == 1}):
+            y = torch.tensor(labels[i:i + bs], device=self.device)
             c = generate(self.generator, y, guidance_scale=float(guidance_scale), temperature=temperature,
-                         top_k=top_k, top_p=top_p, cfg_interval=cfg_interval, generator=generator,
-                         progress=progress and len(chunks) == 1)
+                         top_k=top_k, top_p=top_p, cfg_interval=cfg_interval, cfg_schedule=cfg_schedule,
+                         generator=gens[i:i + bs], compile=compile, progress=show and len(starts) == 1)
             x = self.tokenizer.decode(c.to(next(self.tokenizer.parameters()).device), groups_to_use=groups_to_use)
             codes.append(c)
             images.append(((x.float() + 1) / 2).clamp(0, 1).cpu())
@@ -208,40 +306,73 @@ class MGVQPipeline:
             return (images,)
         return ImagePipelineOutput(images=images, codes=codes)
 
-    # ---- persistence -------------------------------------------------------------------------------------
-    def save_pretrained(self, out_dir: str) -> None:
+    # ---- persistence (save_pretrained / push_to_hub: runtime.hub.MGVQHubMixin, with a model card) -----------------
+    def _save_pretrained(self, out_dir) -> None:
+        out_dir = str(out_dir)
         os.makedirs(out_dir, exist_ok=True)
         self.tokenizer.save_pretrained(os.path.join(out_dir, "tokenizer"))
+        # a tokenizer that changed since the codes were made (fine-tuned, cast) is refused now, not at the next load
+        check_same_tokenizer(os.path.join(out_dir, "tokenizer"), self.tokenizer_sha256,
+                             what="MGVQPipeline.tokenizer_sha256 (the generator's codes)")
         self.generator.save_pretrained(os.path.join(out_dir, "generator"))
         cfg = {"id2label": {str(k): v for k, v in self.id2label.items()},
                "sampling_defaults": self.defaults.__dict__, "image_size": self.image_size}
+        if self.tokenizer_sha256:
+            cfg["tokenizer_sha256"] = self.tokenizer_sha256
         tmp = os.path.join(out_dir, CONFIG_NAME + ".tmp")
         with open(tmp, "w") as f:
             json.dump(cfg, f, indent=2)
         os.replace(tmp, os.path.join(out_dir, CONFIG_NAME))
 
     @classmethod
-    def from_pretrained(cls, path: str, device=None, dtype=None, **kwargs) -> "MGVQPipeline":
-        """Load from a local folder (tokenizer/, generator/, pipeline_config.json) or a HuggingFace hub id."""
-        if not os.path.isdir(path):
-            if path.startswith((".", "/", "~")) or path.count("/") != 1:
-                raise FileNotFoundError(f"pipeline folder {path!r} does not exist (hub ids look like 'user/name')")
-            try:
-                from huggingface_hub import snapshot_download
-
-                path = snapshot_download(path, **kwargs)
-            except Exception as e:  # noqa: BLE001 - report both possibilities
-                raise FileNotFoundError(f"{path!r} is neither a local pipeline folder nor a reachable hub repo: {e}") from e
+    def from_pretrained(cls, path: str, device=None, dtype=None, *, revision: str | None = None,
+                        cache_dir: str | None = None, token: str | bool | None = None, force_download: bool = False,
+                        local_files_only: bool = False) -> "MGVQPipeline":
+        """Load from a local folder (tokenizer/, generator/, pipeline_config.json) or a Hugging Face hub id."""
+        path = resolve_folder(path, "pipeline", None, revision=revision, cache_dir=cache_dir, token=token,
+                              force_download=force_download, local_files_only=local_files_only)
+        path = os.path.abspath(path)
         cfg_path = os.path.join(path, CONFIG_NAME)
         if not os.path.isfile(cfg_path):
             raise FileNotFoundError(f"{path} has no {CONFIG_NAME}; a pipeline folder holds tokenizer/, generator/ and "
                                     f"{CONFIG_NAME} (write one with MGVQPipeline.save_pretrained)")
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-        tok = MGVQTokenizer.from_pretrained(os.path.join(path, "tokenizer"))
+        cfg = read_json(cfg_path)
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{cfg_path} is damaged: it holds {type(cfg).__name__}, expected a JSON object")
+        tok = MGVQTokenizer.from_pretrained(os.path.join(path, "tokenizer"))  # (a damaged file is reported first)
+        # the tokenizer must be the one whose codes the generator learned (a swapped tokenizer/ decodes garbage)
+        check_same_tokenizer(os.path.join(path, "tokenizer"), cfg.get("tokenizer_sha256"),
+                             what=f"{cfg_path} (tokenizer_sha256, from the codes' meta.json)")
         gen = GPT.from_pretrained(os.path.join(path, "generator"))
         id2label = {int(k): v for k, v in cfg.get("id2label", {}).items()} or None
-        pipe = cls(tok, gen, id2label=id2label, sampling_defaults=cfg.get("sampling_defaults"))
+        pipe = cls(tok, gen, id2label=id2label, sampling_defaults=cfg.get("sampling_defaults"),
+                   tokenizer_sha256=cfg.get("tokenizer_sha256"))
+        if os.path.isfile(os.path.join(path, METRICS_NAME)):
+            pipe.metrics = read_json(os.path.join(path, METRICS_NAME))
         if device is not None or dtype is not None:
             pipe.to(device, dtype)
         return pipe
+
+    def _card(self, repo_id: str) -> dict:  # facts for the generated model card (runtime.hub.render_card)
+        tc, gc, n = self.tokenizer.config, self.generator.config, len(self.id2label)
+        names = [self.id2label[i] for i in range(n)]
+        shown = ", ".join(names[:20]) + (f", ... ({n} in all)" if n > 20 else "")
+        d = {k: v for k, v in self.defaults.__dict__.items() if v is not None}
+        ex = [repr(names[0]), "1" if n > 1 else "0"]
+        return dict(title="MGVQ class-conditional image pipeline", summary=(
+            f"Class label -> GPT ({gc.groups} sub-tokens per position) -> MGVQ tokenizer decoder -> "
+            f"{self.image_size}x{self.image_size} image."), facts={
+            "tokenizer": f"{tc.backbone}, layout G x K = {tc.groups} x {tc.codebook_size}, C = {tc.latent_dim}, "
+                         f"downsample {tc.downsample}",
+            "generator": f"GPT {gc.n_layer} layers x {gc.n_head} heads x {gc.dim}, "
+                         f"{self.generator.num_parameters() / 1e6:.2f} M parameters, {gc.input_mode} input / "
+                         f"{gc.head} head",
+            "image size": f"{self.image_size} x {self.image_size} ({gc.grid} x {gc.grid} tokens)",
+            "classes": f"{n}: {shown}",
+            "sampling defaults": ", ".join(f"{k}={v}" for k, v in d.items()),
+            "tokenizer sha256": self.tokenizer_sha256},
+            usage=f"import torch\nfrom pipelines import MGVQPipeline\n\n"
+                  f"pipe = MGVQPipeline.from_pretrained({repo_id!r})\n"
+                  f"out = pipe([{', '.join(ex)}], generator=torch.Generator().manual_seed(0))  # class names or ids\n"
+                  f"out.images[0].save(\"sample.png\")\n"
+                  f"# command line: mgvq sample --pipeline {repo_id} --labels {ex[1]} --n 4 --out samples.png")
