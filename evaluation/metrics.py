@@ -5,9 +5,12 @@ the generator or the pipeline.
 
 Conventions
 - Images "uint8 NHWC" are what the ADM evaluator stores in `arr_0`; "uint8 NCHW" is what the Inception extractor eats.
-- Fréchet distance, IS and precision/recall follow OpenAI's ADM evaluator (guided-diffusion/evaluations/evaluator.py),
-  which LlamaGen and MGVQ use for their published gFID. Features come from torch-fidelity's `inception-v3-compat`,
-  the PyTorch port of the same TF Inception graph (pool_3 = "2048", un-biased logits = "logits_unbiased").
+- Fréchet distance, IS, sFID and precision/recall follow OpenAI's ADM evaluator
+  (guided-diffusion/evaluations/evaluator.py), which LlamaGen and MGVQ use for their published gFID. Features come
+  from torch-fidelity's `inception-v3-compat`, the PyTorch port of the same TF Inception graph (pool_3 = "2048",
+  un-biased logits = "logits_unbiased"; sFID: the first 7 channels of mixed_6/conv = Mixed_6d.branch1x1, 2023-dim).
+- Inception weights: `resolve_inception_weights` (a given file; or "auto": the torch.hub cache, else a download,
+  else an error naming what failed, the URL and the destination).
 - PSNR exists in two conventions and both are reported by the evaluation scripts:
     psnr_mean_of_images: mean over images of per-image PSNR (LlamaGen, skimage per image)
     psnr_of_mean_mse:    PSNR of the dataset-mean MSE (MGVQ's eval_recon.py), always <= the former (Jensen).
@@ -250,17 +253,26 @@ def load_npz_images(path) -> np.ndarray:
     return images
 
 
-def load_npz_stats(path) -> tuple[np.ndarray, np.ndarray] | None:
-    """(mu, sigma) stored in an ADM reference npz (e.g. VIRTUAL_imagenet256_labeled.npz), or None if absent."""
+def load_npz_stats(path, spatial: bool = False) -> tuple[np.ndarray, np.ndarray] | None:
+    """(mu, sigma) stored in an ADM reference npz (e.g. VIRTUAL_imagenet256_labeled.npz), or None if absent.
+    `spatial=True`: the sFID statistics (mu_s, sigma_s, 2023-dim) instead."""
+    keys = ("mu_s", "sigma_s") if spatial else ("mu", "sigma")
     with np.load(path) as f:
-        if "mu" in f and "sigma" in f:
-            return f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+        if keys[0] in f and keys[1] in f:
+            return f[keys[0]].astype(np.float64), f[keys[1]].astype(np.float64)
     return None
 
 
-def save_npz_stats(path, mu: np.ndarray, sigma: np.ndarray) -> None:
-    """Reference statistics in the ADM layout (`mu`, `sigma`), readable by `load_npz_stats` and ADM's evaluator."""
-    np.savez(path, mu=np.asarray(mu), sigma=np.asarray(sigma))
+def save_npz_stats(path, mu: np.ndarray, sigma: np.ndarray, mu_s: np.ndarray | None = None,
+                   sigma_s: np.ndarray | None = None) -> None:
+    """Reference statistics in the ADM layout (`mu`, `sigma`, and the sFID `mu_s`, `sigma_s` when given), readable
+    by `load_npz_stats` and ADM's evaluator."""
+    arrays = {"mu": np.asarray(mu), "sigma": np.asarray(sigma)}
+    if (mu_s is None) != (sigma_s is None):
+        raise ValueError("save_npz_stats: pass both mu_s and sigma_s (sFID statistics) or neither")
+    if mu_s is not None:
+        arrays.update(mu_s=np.asarray(mu_s), sigma_s=np.asarray(sigma_s))
+    np.savez(path, **arrays)
 
 
 def list_images(folder) -> list[Path]:
@@ -319,17 +331,73 @@ def iter_batches(images: Sequence, batch_size: int) -> Iterator[torch.Tensor]:
 
 
 def default_inception_weights_path() -> Path:
+    """Where `auto` looks for (and downloads to) the Inception weights: $TORCH_HOME/hub/checkpoints/ (torch.hub's
+    cache, the same place torch-fidelity uses, so a file fetched by either is found by both)."""
     return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_NAME
 
 
-def _missing_weights_message(path) -> str:
-    return (
-        f"Inception weights not found at {path}. FID/IS/precision/recall need torch-fidelity's "
-        f"{INCEPTION_WEIGHTS_NAME} (FID Inception, TF 2015-12-05 graph ported to PyTorch; 95 MB). This machine is "
-        f"offline, so it is never downloaded here: copy the file from a machine with internet "
-        f"({INCEPTION_WEIGHTS_URL}) "
-        f"and pass its path (--inception-weights / weights_path=), or put it at {default_inception_weights_path()}."
-    )
+def _fetch_instructions() -> str:
+    return (f"Fetch {INCEPTION_WEIGHTS_URL} (torch-fidelity's FID Inception, the TF 2015-12-05 graph ported to "
+            f"PyTorch, ~95 MB) on a machine that can reach it and put it at {default_inception_weights_path()} "
+            f"(found there automatically; $TORCH_HOME moves it), or pass its path with --inception-weights PATH "
+            f"(weights_path= in Python).")
+
+
+def _describe_download_error(e: BaseException) -> str:
+    """The reason a download failed, in words: name resolution, HTTP status, refused connection, unwritable cache."""
+    import socket
+    import urllib.error
+
+    reason = getattr(e, "reason", None)
+    if isinstance(e, urllib.error.HTTPError):
+        return f"the server answered HTTP {e.code} {e.reason}"
+    if isinstance(reason, socket.gaierror) or isinstance(e, socket.gaierror):
+        host = INCEPTION_WEIGHTS_URL.split("/")[2]
+        return f"the host name {host} could not be resolved ({reason or e}): no DNS / no route to the internet here"
+    if isinstance(reason, (ConnectionError, TimeoutError, socket.timeout)):
+        return f"the connection failed ({type(reason).__name__}: {reason})"
+    if isinstance(e, OSError) and not isinstance(e, urllib.error.URLError):
+        return f"{type(e).__name__}: {e}"
+    return f"{type(e).__name__}: {reason or e}"
+
+
+def _download_file(url: str, dst: Path) -> None:
+    """url -> dst through a temporary file in the same folder (a torn download is never picked up)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".part")
+    try:
+        torch.hub.download_url_to_file(url, str(tmp), progress=True)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def resolve_inception_weights(weights_path=None, download: bool = True) -> Path:
+    """The Inception weights file to use.
+
+    `weights_path` a path: that file, which must exist. None or "auto": the cached file
+    ($TORCH_HOME/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth) if present, else downloaded there from
+    torch-fidelity's release when `download` (i.e. when this machine can reach it). When no file can be had, the
+    FileNotFoundError says what failed (missing path, unresolvable host, HTTP status, ...), which URL to fetch and
+    where to put it."""
+    if weights_path is not None and str(weights_path) != "auto":
+        path = Path(weights_path)
+        if path.is_file():
+            return path
+        raise FileNotFoundError(f"Inception weights file {path} does not exist. {_fetch_instructions()}")
+    path = default_inception_weights_path()
+    if path.is_file():
+        return path
+    if not download:
+        raise FileNotFoundError(f"Inception weights {INCEPTION_WEIGHTS_NAME} are not at {path} and downloading is "
+                                f"switched off. {_fetch_instructions()}")
+    try:
+        _download_file(INCEPTION_WEIGHTS_URL, path)
+    except Exception as e:  # noqa: BLE001 - any failure becomes one actionable message
+        raise FileNotFoundError(f"Inception weights {INCEPTION_WEIGHTS_NAME} are not at {path}, and downloading "
+                                f"{INCEPTION_WEIGHTS_URL} failed: {_describe_download_error(e)}. "
+                                f"{_fetch_instructions()}") from e
+    return path
 
 
 def _build_inception_architecture(features_list):
@@ -355,32 +423,48 @@ def save_random_inception_weights(path, seed: int = 0) -> Path:
     return Path(path)
 
 
-class InceptionFeatures:
-    """pool_3 (2048) features and un-biased logits (1008) of torch-fidelity's `inception-v3-compat`.
+# ADM's sFID features: the first 7 channels of TF Inception's `mixed_6/conv:0` (17 x 17 x 192, after batch norm and
+# ReLU), flattened in TF's (h, w, c) order -> 17 * 17 * 7 = 2023 values per image. In torch-fidelity's port that
+# tensor is the output of `Mixed_6d.branch1x1` (its TF->PyTorch weight map: mixed_6/conv -> Mixed_6d.branch1x1).
+SPATIAL_LAYER = "Mixed_6d.branch1x1"
+SPATIAL_CHANNELS = 7
+SPATIAL_DIM = 17 * 17 * SPATIAL_CHANNELS
 
-    `weights_path`: the weights file; None looks for
-    $TORCH_HOME/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth.
-    A missing file raises FileNotFoundError at once (never a download attempt).
+
+class InceptionFeatures:
+    """pool_3 (2048) features, un-biased logits (1008) and ADM's spatial sFID features (2023) of torch-fidelity's
+    `inception-v3-compat`.
+
+    `weights_path`: a weights file, or None / "auto" (see `resolve_inception_weights`: the cached file, else a
+    download when `download` and this machine can reach it, else a FileNotFoundError that says what failed and
+    which file to put where). The file is read with `torch.load(weights_only=True)` into the architecture built
+    without any download.
     Call with uint8 (N, 3, H, W) batches (any H, W; resized to 299 inside, like the TF graph).
     """
 
-    def __init__(self, weights_path=None, device="cpu", batch_size: int = 50):
-        path = Path(weights_path) if weights_path is not None else default_inception_weights_path()
-        if not path.is_file():
-            raise FileNotFoundError(_missing_weights_message(path))
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-        self.model = FeatureExtractorInceptionV3(
-            "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(path)
-        ).to(device)
+    def __init__(self, weights_path=None, device="cpu", batch_size: int = 50, download: bool = True):
+        path = resolve_inception_weights(weights_path, download=download)
+        model = _build_inception_architecture(["2048", "logits_unbiased"])
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"{path} is not torch-fidelity's {INCEPTION_WEIGHTS_NAME} state dict: {e}") from None
+        self.model = model.to(device).eval()
         self.device, self.batch_size, self.weights_path = torch.device(device), batch_size, path
+        self._spatial = None
+        self.model.get_submodule(SPATIAL_LAYER).register_forward_hook(self._keep_spatial)
+
+    def _keep_spatial(self, module, inputs, output):
+        self._spatial = output[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).reshape(output.shape[0], -1)
 
     @torch.no_grad()
-    def __call__(self, batches: Iterable[torch.Tensor] | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 NCHW tensor or iterable of such batches -> (pool (N, 2048) float64, logits (N, 1008) float64)."""
+    def __call__(self, batches: Iterable[torch.Tensor] | torch.Tensor, spatial: bool = False):
+        """uint8 NCHW tensor or iterable of such batches -> (pool (N, 2048), logits (N, 1008)) float64, and with
+        `spatial=True` also ADM's sFID features (N, 2023) as a third array."""
         if torch.is_tensor(batches):
             batches = batches.split(self.batch_size)
-        pools, logits = [], []
+        pools, logits, spatials = [], [], []
         for x in batches:
             if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:
                 raise ValueError(f"InceptionFeatures: need uint8 (B, 3, H, W), got {x.dtype} {tuple(x.shape)}")
@@ -388,6 +472,10 @@ class InceptionFeatures:
                 p, l = self.model(xb.to(self.device))
                 pools.append(p.double().cpu().numpy())
                 logits.append(l.double().cpu().numpy())
+                if spatial:
+                    spatials.append(self._spatial.double().cpu().numpy())
+                self._spatial = None
         if not pools:
             raise ValueError("InceptionFeatures: no images")
-        return np.concatenate(pools), np.concatenate(logits)
+        out = (np.concatenate(pools), np.concatenate(logits))
+        return out + (np.concatenate(spatials),) if spatial else out

@@ -170,10 +170,12 @@ def generate_samples(sample_fn: SampleFn, out_dir, num_images: int, num_classes:
 
 
 def reference_features(ref, inception: M.InceptionFeatures, size: int | None = None, cache_dir=None,
-                       batch_size: int = 100):
+                       batch_size: int = 100, spatial: bool = False):
     """(mu, sigma, pool features or None) of a reference: an ADM npz (mu/sigma used as stored, like ADM; `arr_0`
     images, if present, give the features for precision/recall) or an image folder (resized to cover `size` and
-    centre-cropped when given). Features are cached in cache_dir, keyed by the reference file and the weights."""
+    centre-cropped when given). Features are cached in cache_dir, keyed by the reference file and the weights.
+    `spatial=True` appends the sFID statistics (mu_s, sigma_s): the npz's own, else from the reference images'
+    spatial features; None when the reference has neither."""
     ref = Path(ref)
     if not ref.exists():
         raise FileNotFoundError(f"reference {ref} does not exist (expected an ADM .npz or an image folder)")
@@ -181,9 +183,11 @@ def reference_features(ref, inception: M.InceptionFeatures, size: int | None = N
     cache = Path(cache_dir) / f"ref_features_{ref.stem}_{hashlib.sha1(key.encode()).hexdigest()[:10]}.npz" \
         if cache_dir else None
     stats = M.load_npz_stats(ref) if ref.suffix == ".npz" else None
-    pool = None
-    if cache is not None and cache.exists():
-        pool = np.load(cache)["pool"]
+    stats_s = M.load_npz_stats(ref, spatial=True) if spatial and ref.suffix == ".npz" else None
+    pool = feats_s = None
+    cached = dict(np.load(cache)) if cache is not None and cache.exists() else {}
+    if "pool" in cached and (not spatial or stats_s is not None or "spatial" in cached):
+        pool, feats_s = cached["pool"], cached.get("spatial")
     else:
         if ref.suffix == ".npz":
             with np.load(ref) as f:
@@ -192,26 +196,32 @@ def reference_features(ref, inception: M.InceptionFeatures, size: int | None = N
         else:
             images = M.ImageFolder(ref, size=(size, size) if size else None)
         if images is not None:
-            pool, _ = inception(M.iter_batches(images, batch_size))
+            pool, _, feats_s = inception(M.iter_batches(images, batch_size), spatial=True)
             if cache is not None:
-                np.savez(cache, pool=pool)
+                np.savez(cache, pool=pool, spatial=feats_s)
     if stats is None:
         if pool is None:
             raise ValueError(f"reference {ref} has neither mu/sigma nor arr_0 images")
         stats = M.feature_statistics(pool)
-    return stats[0], stats[1], pool
+    if not spatial:
+        return stats[0], stats[1], pool
+    if stats_s is None and feats_s is not None:
+        stats_s = M.feature_statistics(feats_s)
+    return stats[0], stats[1], pool, stats_s
 
 
 def evaluate_samples(images, ref, inception: M.InceptionFeatures, splits: int = 10, cache_dir=None,
                      batch_size: int = 100) -> dict:
-    """FID, IS (mean, std over `splits`), precision and recall (k=3) of uint8 NHWC `images` against `ref`."""
+    """FID, sFID (ADM's spatial features; None if `ref` has no mu_s/sigma_s and no images), IS (mean, std over
+    `splits`), precision and recall (k=3) of uint8 NHWC `images` against `ref`."""
     images = M.load_npz_images(images) if isinstance(images, (str, Path)) else np.asarray(images)
     n = len(images)
-    pool, logits = inception(M.iter_batches(images, batch_size))
-    ref_mu, ref_sigma, ref_pool = reference_features(ref, inception, size=images.shape[1], cache_dir=cache_dir,
-                                                     batch_size=batch_size)
+    pool, logits, feats_s = inception(M.iter_batches(images, batch_size), spatial=True)
+    ref_mu, ref_sigma, ref_pool, ref_s = reference_features(ref, inception, size=images.shape[1], cache_dir=cache_dir,
+                                                            batch_size=batch_size, spatial=True)
     is_mean, is_std = M.inception_score(logits=logits, splits=min(splits, n))
     out = {"num_images": n, "fid": M.frechet_distance_to_features(pool, ref_mu, ref_sigma),
+           "sfid": None if ref_s is None else M.frechet_distance_to_features(feats_s, *ref_s),
            "inception_score": is_mean, "inception_score_std": is_std, "is_splits": min(splits, n),
            "precision": None, "recall": None}
     if ref_pool is not None and len(ref_pool) > 3 and n > 3:

@@ -224,3 +224,66 @@ def test_inception_missing_weights_fails_at_once(tmp_path):
     with pytest.raises(FileNotFoundError, match="weights-inception-2015-12-05-6726825d.pth") as e:
         M.InceptionFeatures(tmp_path / "nothing_here.pth")
     assert str(tmp_path / "nothing_here.pth") in str(e.value) and "hub/checkpoints" in str(e.value)
+
+
+# ---------------------------------------------------------------- Inception weights: --inception-weights auto
+
+def test_inception_weights_auto_uses_cache_then_downloads(tmp_path, monkeypatch, random_inception):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    dst = tmp_path / "torch" / "hub" / "checkpoints" / M.INCEPTION_WEIGHTS_NAME
+    assert M.default_inception_weights_path() == dst
+    calls = []
+
+    def fake_download(url, path):  # what a reachable release would give: the file lands in torch.hub's cache
+        calls.append((url, path))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(random_inception.read_bytes())
+
+    monkeypatch.setattr(M, "_download_file", fake_download)
+    assert M.resolve_inception_weights("auto") == dst and calls == [(M.INCEPTION_WEIGHTS_URL, dst)]
+    inc = M.InceptionFeatures("auto", batch_size=2)  # cached now: no second download
+    assert inc.weights_path == dst and len(calls) == 1
+    assert M.resolve_inception_weights(None) == dst and len(calls) == 1
+    x = torch.from_numpy(data.astronaut()[::16, ::16][None]).permute(0, 3, 1, 2).contiguous()
+    ref_pool, _ = M.InceptionFeatures(random_inception)(x)
+    np.testing.assert_array_equal(inc(x)[0], ref_pool)  # the downloaded file is the one used
+
+
+@pytest.mark.parametrize("error, said", [
+    ("dns", "github.com could not be resolved"),
+    ("http", "HTTP 404 Not Found"),
+    ("refused", "the connection failed (ConnectionRefusedError"),
+    ("disk", "PermissionError: [Errno 13] Permission denied"),
+])
+def test_inception_weights_auto_says_what_failed_and_what_to_fetch(tmp_path, monkeypatch, error, said):
+    import socket
+    import urllib.error
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def failing_download(url, path):
+        raise {"dns": urllib.error.URLError(socket.gaierror(-2, "Name or service not known")),
+               "http": urllib.error.HTTPError(url, 404, "Not Found", {}, None),
+               "refused": urllib.error.URLError(ConnectionRefusedError(111, "Connection refused")),
+               "disk": PermissionError(13, "Permission denied")}[error]
+
+    monkeypatch.setattr(M, "_download_file", failing_download)
+    with pytest.raises(FileNotFoundError) as e:
+        M.InceptionFeatures("auto")
+    msg = str(e.value)
+    assert said in msg
+    assert f"Fetch {M.INCEPTION_WEIGHTS_URL}" in msg  # exactly which file
+    assert f"put it at {tmp_path / 'torch' / 'hub' / 'checkpoints' / M.INCEPTION_WEIGHTS_NAME}" in msg  # and where
+    assert "offline" not in msg
+
+
+def test_inception_weights_no_download_and_bad_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(M, "_download_file", lambda url, path: pytest.fail("download attempted"))
+    with pytest.raises(FileNotFoundError, match="downloading is switched off"):
+        M.resolve_inception_weights("auto", download=False)
+    with pytest.raises(FileNotFoundError, match=r"nothing\.pth does not exist\. Fetch https://"):
+        M.resolve_inception_weights(tmp_path / "nothing.pth")  # an explicit path never triggers a download
+    torch.save({"fc.weight": torch.zeros(3)}, tmp_path / "wrong.pth")
+    with pytest.raises(ValueError, match="is not torch-fidelity's weights-inception"):
+        M.InceptionFeatures(tmp_path / "wrong.pth")
