@@ -4,15 +4,16 @@ Library functions take images, models or callables; nothing here imports `tokeni
 module level (only the CLIs' `main(argv)` builds a pipeline / tokenizer lazily).
 
     evaluation.metrics      Fréchet distance, IS, precision/recall (k=3), PSNR (two conventions), SSIM, ADM npz I/O,
-                            torch-fidelity Inception features (local weights file, never downloaded)
+                            torch-fidelity Inception features (pool_3, logits, ADM's spatial sFID features)
     evaluation.sample       `mgvq evaluate-generation`: N class-balanced samples (seeded per image, sharded, resumable)
-                            -> PNGs + ADM npz -> FID / IS / precision / recall
+                            -> PNGs + ADM npz -> FID / sFID / IS / precision / recall
     evaluation.reconstruct  `mgvq evaluate-tokenizer`: PSNR / SSIM / LPIPS / rFID / codebook usage / coarse-to-fine PSNR
 
 Inception weights
     torch-fidelity's `weights-inception-2015-12-05-6726825d.pth` (the FID Inception graph ported to PyTorch). It is not
-    in any registry package and this project never downloads it: copy it from a machine with internet and pass
-    `--inception-weights FILE` (or put it in $TORCH_HOME/hub/checkpoints/). Missing weights fail at once, by name.
+    in any registry package. `--inception-weights auto` (the default) uses $TORCH_HOME/hub/checkpoints/ if the file is
+    there, else downloads it there; when it cannot, the error says what failed, the URL to fetch and where to put
+    it. `--inception-weights FILE` uses that file. Missing weights fail at once, before any sampling.
     `metrics.save_random_inception_weights` writes random weights in the same format to exercise the code path
     offline: numbers from them are NOT FID/IS.
 
