@@ -21,6 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from runtime.hub import MGVQHubMixin, load_safetensors, read_json, resolve_folder
+
 
 def find_multiple(n: int, k: int) -> int:
     return n if n % k == 0 else n + k - (n % k)
@@ -334,7 +336,7 @@ class ARHead(nn.Module):
 # ----------------------------------------------------------------------------------------------------------- model
 
 
-class GPT(nn.Module):
+class GPT(nn.Module, MGVQHubMixin, tags=["class-conditional", "autoregressive"]):
     def __init__(self, config: GPTConfig, codebook: torch.Tensor | None = None):
         super().__init__()
         self.config = cfg = config
@@ -485,7 +487,8 @@ class GPT(nn.Module):
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
-    def save_pretrained(self, out_dir: str):
+    # save_pretrained(dir, metrics=None) / push_to_hub(repo_id): runtime.hub.MGVQHubMixin (+ a model card README.md)
+    def _save_pretrained(self, out_dir):
         from safetensors.torch import save_file
 
         os.makedirs(out_dir, exist_ok=True)
@@ -495,20 +498,36 @@ class GPT(nn.Module):
         save_file(sd, os.path.join(out_dir, "model.safetensors"))
 
     @classmethod
-    def from_pretrained(cls, path: str, device="cpu", dtype: torch.dtype | None = None, **overrides) -> "GPT":
-        """Load a folder written by save_pretrained. `overrides` may change non-shape fields (e.g. dropouts)."""
-        from safetensors.torch import load_file
-
+    def from_pretrained(cls, path: str, device="cpu", dtype: torch.dtype | None = None, *, revision: str | None = None,
+                        cache_dir: str | None = None, token: str | bool | None = None, force_download: bool = False,
+                        local_files_only: bool = False, **overrides) -> "GPT":
+        """Load a folder written by save_pretrained, or a hub id holding one. `overrides` may change non-shape fields
+        (e.g. dropouts)."""
+        path = resolve_folder(path, "GPT", ["config.json", "model.safetensors", "metrics.json"], revision=revision,
+                              cache_dir=cache_dir, token=token, force_download=force_download,
+                              local_files_only=local_files_only)
         cfg_file, w_file = os.path.join(path, "config.json"), os.path.join(path, "model.safetensors")
         for f in (cfg_file, w_file):
             if not os.path.isfile(f):
                 raise FileNotFoundError(f"GPT.from_pretrained: {f} not found (expected config.json + model.safetensors)")
-        with open(cfg_file) as f:
-            cfg = GPTConfig.from_dict({**json.load(f), **overrides})
-        sd = load_file(w_file, device=str(device))
+        cfg = GPTConfig.from_dict({**read_json(cfg_file), **overrides})
+        sd = load_safetensors(w_file, device=str(device))
         model = cls(cfg, codebook=sd.get("codebook")).to(device)
         model.load_state_dict(sd, strict=True)
+        if os.path.isfile(os.path.join(path, "metrics.json")):
+            model.metrics = read_json(os.path.join(path, "metrics.json"))
         return model.to(dtype) if dtype is not None else model
+
+    def _card(self, repo_id: str) -> dict:  # facts for the generated model card (runtime.hub.render_card)
+        c = self.config
+        return dict(title="MGVQ class-conditional GPT", tags=["class-conditional"], summary="Stage two: a LlamaGen "
+                    "c2i transformer predicting G sub-tokens per image position (decode with the matching tokenizer).",
+                    facts={"layers x heads x dim": f"{c.n_layer} x {c.n_head} x {c.dim}",
+                           "parameters": f"{self.num_parameters() / 1e6:.2f} M", "classes": c.num_classes,
+                           "token grid": f"{c.grid} x {c.grid}", "layout G x K": f"{c.groups} x {c.codebook_size}",
+                           "input / head": f"{c.input_mode} / {c.head}"},
+                    usage=f"import torch\nfrom generator import GPT, generate\n\ngpt = GPT.from_pretrained({repo_id!r})\n"
+                          "codes = generate(gpt, torch.tensor([0, 1]), guidance_scale=4.0)  # (B, h, w, G)")
 
     @classmethod
     def from_preset(cls, name: str, codebook: torch.Tensor | None = None, **overrides) -> "GPT":

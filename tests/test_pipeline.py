@@ -147,3 +147,121 @@ def test_from_pretrained_missing_folder_is_loud(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"has no pipeline_config\.json"):
         MGVQPipeline.from_pretrained(str(tmp_path / "empty"))
+
+
+# ---- diffusers conventions: per-image seeds, output indexing, .to(dtype), progress bar, call options ---------------
+def gens(*seeds):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def test_same_seed_same_image_whatever_else_is_in_the_batch(pipe):
+    alone = pipe([0], generator=gens(5), output_type="pt", progress=False)
+    mixed = pipe([3, 0, 7], generator=gens(1, 5, 2), output_type="pt", progress=False)  # CFG on (scale 4)
+    assert torch.equal(mixed.codes[1], alone.codes[0])
+    torch.testing.assert_close(mixed.images[1], alone.images[0], atol=1e-5, rtol=0)
+    assert not torch.equal(mixed.codes[0], mixed.codes[1])
+    # one generator: image i is seeded by the generator's i-th draw, so image 0 of [0] and of [0, 1, 2] agree
+    one = run(pipe, [0], seed=11, output_type="pt")
+    three = run(pipe, [0, 1, 2], seed=11, output_type="pt")
+    assert torch.equal(three.codes[0], one.codes[0])
+    # and batch_size does not change any image
+    by_one = run(pipe, [4, 5, 6, 4], seed=12, output_type="pt", batch_size=1)
+    by_four = run(pipe, [4, 5, 6, 4], seed=12, output_type="pt", batch_size=4)
+    assert torch.equal(by_one.codes, by_four.codes)
+    assert not torch.equal(by_four.codes[0], by_four.codes[3])  # same label, own seed: another image
+    with pytest.raises(ValueError, match=r"a list needs one torch.Generator per image \(4 = labels x "
+                                         r"num_images_per_label\), got 2"):
+        pipe([0, 1], num_images_per_label=2, generator=gens(1, 2), progress=False)
+    with pytest.raises(ValueError, match=r"generator=3: must be a torch.Generator"):
+        pipe([0], generator=3, progress=False)
+
+
+def test_output_is_indexable_and_iterable_like_diffusers(pipe):
+    out = run(pipe, [1, 2], output_type="pt")
+    assert out[0] is out.images and out[1] is out.codes and out["codes"] is out.codes
+    images, codes = out
+    assert images is out.images and codes is out.codes
+    assert len(out.to_tuple()) == 2
+    pil = run(pipe, [1], output_type="pil")
+    assert pil[0][0].size == (32, 32)  # diffusers' pipe(...)[0][0]: the first image
+    with pytest.raises(KeyError, match=r"'image'; valid: \['images', 'codes'\]"):
+        out["image"]
+
+
+def test_to_accepts_a_dtype_like_diffusers():
+    torch.manual_seed(0)
+    p = MGVQPipeline(MGVQTokenizer.from_preset("mgvq-tiny"), make_generator(), id2label=NAMES)
+    ref = run(p, [3], seed=4, output_type="pt")
+    assert p.to(torch.bfloat16) is p and p.dtype == torch.bfloat16 and p.device.type == "cpu"
+    out = run(p, [3], seed=4, output_type="pt")
+    assert out.images.dtype == torch.float32 and out.images.shape == (1, 3, 32, 32)
+    assert p.generator.output.weight.dtype == torch.bfloat16 and torch.isfinite(out.images).all()
+    assert torch.equal(out.codes[0, 0, 0], ref.codes[0, 0, 0])  # same noise: the first draws agree (then bf16 drifts)
+    p.to("cpu", torch.float32)
+    assert p.dtype == torch.float32
+    assert torch.equal(run(p, [3], seed=4, output_type="pt").codes, ref.codes)
+    p.to(device="cpu", dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"not a floating type"):
+        p.to(torch.int8)
+    with pytest.raises(ValueError, match=r"neither a device"):
+        p.to(1.5)
+    with pytest.raises(ValueError, match=r"two dtypes"):
+        p.to(torch.float32, torch.bfloat16)
+
+
+def test_cfg_schedule_and_compile_reach_generate(pipe, monkeypatch):
+    a = run(pipe, [2], seed=9, output_type="pt")
+    lin = run(pipe, [2], seed=9, output_type="pt", cfg_schedule="linear")
+    assert not torch.equal(a.codes, lin.codes)  # the schedule changed the guided logits
+    import pipelines.pipeline as P
+
+    seen, real = [], P.generate
+
+    def spy(model, labels, **kw):
+        seen.append(kw)
+        return real(model, labels, **{**kw, "compile": False})  # compiling on 2 CPU cores is not this test's point
+
+    monkeypatch.setattr(P, "generate", spy)
+    pipe([2], compile=True, cfg_schedule="linear", progress=False)
+    assert seen[-1]["compile"] is True and seen[-1]["cfg_schedule"] == "linear"
+    pipe.defaults.cfg_schedule = "linear"
+    try:
+        pipe([2], progress=False)
+    finally:
+        pipe.defaults.cfg_schedule = "constant"
+    assert seen[-1]["cfg_schedule"] == "linear" and seen[-1]["compile"] is False
+
+
+def test_progress_bar_can_be_switched_off(pipe, capfd):
+    pipe([1], generator=gens(0))
+    assert "generate" in capfd.readouterr().err
+    pipe([1], generator=gens(0), progress=False)
+    assert capfd.readouterr().err == ""
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        pipe([1, 2], batch_size=1, generator=gens(0, 1))
+        assert capfd.readouterr().err == ""
+    finally:
+        pipe.set_progress_bar_config()
+    pipe([1, 2], batch_size=1, generator=gens(0, 1))
+    assert "sampling" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(guidance_scale=float("nan")), r"guidance_scale=nan: not a finite number"),
+    (dict(guidance_scale=float("inf")), r"guidance_scale=inf: not a finite number"),
+    (dict(temperature=float("nan")), r"temperature=nan: not a finite number"),
+    (dict(temperature=[1.0, float("inf"), 1.0, 1.0]), r"temperature=inf: not a finite number"),
+    (dict(top_p=float("nan")), r"top_p=nan: not a finite number"),
+    (dict(top_k=float("nan")), r"top_k=nan: not a finite number"),
+    (dict(top_k=2.5), r"top_k=2\.5: not an integer"),
+    (dict(top_k="10"), r"top_k='10': must be an integer"),
+    (dict(cfg_interval=float("nan")), r"cfg_interval=nan: not a finite number"),
+    (dict(cfg_schedule="cosine"), r"cfg_schedule='cosine': valid: 'constant', 'linear'"),
+])
+def test_non_finite_and_malformed_settings_rejected_before_sampling(pipe, kwargs, match, monkeypatch):
+    import pipelines.pipeline as P
+
+    monkeypatch.setattr(P, "generate", lambda *a, **k: pytest.fail("reached the sampler"))
+    with pytest.raises(ValueError, match=match):
+        pipe([0], progress=False, **kwargs)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from runtime.hub import MGVQHubMixin, load_safetensors, read_json, resolve_folder
 from tokenizer.quantizer import MultiGroupQuantizer, check_keep_probs, default_keep_probs
 from tokenizer.vqgan import Decoder, Encoder, VQGANConfig
 
@@ -143,7 +144,7 @@ class TokenizerOutput:
 
 
 # ---- model -----------------------------------------------------------------------------------------------------------
-class MGVQTokenizer(nn.Module):
+class MGVQTokenizer(nn.Module, MGVQHubMixin, tags=["image-tokenizer", "vector-quantization"]):
     def __init__(self, config: TokenizerConfig):
         super().__init__()
         self.config = cfg = config
@@ -210,7 +211,8 @@ class MGVQTokenizer(nn.Module):
         """Build a preset; overrides may use dotted keys, e.g. from_preset("mgvq-tiny", **{"vqgan.ch": 64})."""
         return cls(preset_config(name, **overrides))
 
-    def save_pretrained(self, path: str) -> None:
+    # save_pretrained(dir, metrics=None) / push_to_hub(repo_id): runtime.hub.MGVQHubMixin (+ a model card README.md)
+    def _save_pretrained(self, path) -> None:
         from safetensors.torch import save_file
 
         os.makedirs(path, exist_ok=True)
@@ -220,25 +222,36 @@ class MGVQTokenizer(nn.Module):
             json.dump(self.config.to_dict(), f, indent=2)
 
     @classmethod
-    def from_pretrained(cls, path: str, device: str | torch.device = "cpu", **overrides) -> "MGVQTokenizer":
-        """Load from a save_pretrained folder (or a Hugging Face hub id holding one); returned in eval mode."""
-        from safetensors.torch import load_file
-
-        if not os.path.isdir(path):
-            if os.path.exists(path):
-                raise ValueError(f"from_pretrained expects a folder with config.json + model.safetensors, got file "
-                                 f"{path!r} (convert third-party checkpoints with `mgvq convert`)")
-            try:
-                from huggingface_hub import snapshot_download
-
-                path = snapshot_download(path, allow_patterns=["config.json", "model.safetensors"])
-            except Exception as e:  # noqa: BLE001 - report what was tried
-                raise FileNotFoundError(f"{path!r} is neither a local folder nor a downloadable hub id: {e}") from e
-        with open(os.path.join(path, "config.json")) as f:
-            cfg = TokenizerConfig.from_dict(apply_overrides(json.load(f), overrides))
+    def from_pretrained(cls, path: str, device: str | torch.device = "cpu", *, revision: str | None = None,
+                        cache_dir: str | None = None, token: str | bool | None = None, force_download: bool = False,
+                        local_files_only: bool = False, **overrides) -> "MGVQTokenizer":
+        """Load from a save_pretrained folder or a Hugging Face hub id holding one; returned in eval mode."""
+        path = resolve_folder(path, "tokenizer", ["config.json", "model.safetensors", "metrics.json"],
+                              revision=revision, cache_dir=cache_dir, token=token, force_download=force_download,
+                              local_files_only=local_files_only)
+        for name in ("config.json", "model.safetensors"):
+            if not os.path.isfile(os.path.join(path, name)):
+                raise FileNotFoundError(f"tokenizer folder {path}: {name} not found (expected config.json + "
+                                        f"model.safetensors, written by save_pretrained)")
+        cfg = TokenizerConfig.from_dict(apply_overrides(read_json(os.path.join(path, "config.json")), overrides))
         model = cls(cfg)
-        model.load_state_dict(load_file(os.path.join(path, "model.safetensors"), device=str(device)))
+        model.load_state_dict(load_safetensors(os.path.join(path, "model.safetensors"), device=str(device)))
+        if os.path.isfile(os.path.join(path, "metrics.json")):
+            model.metrics = read_json(os.path.join(path, "metrics.json"))
         return model.to(device).eval()
+
+    def _card(self, repo_id: str) -> dict:  # facts for the generated model card (runtime.hub.render_card)
+        c = self.config
+        vq = getattr(c, "quantizer", "vq") == "vq"
+        return dict(title="MGVQ tokenizer", tags=["image-tokenizer"], summary="Stage one: images -> G sub-tokens per "
+                    "position (one per sub-codebook of K codes) -> images.", facts={
+                        "backbone": c.backbone, "bottleneck": getattr(c, "quantizer", "vq"),
+                        "layout G x K": f"{c.groups} x {c.codebook_size}" if vq else None,
+                        "latent channels C": c.latent_dim, "sub-token dim C/G": c.latent_dim // c.groups if vq else None,
+                        "downsample": c.downsample, "parameters": f"{self.num_parameters() / 1e6:.2f} M"},
+                    usage=f"from tokenizer import MGVQTokenizer\n\ntok = MGVQTokenizer.from_pretrained({repo_id!r})\n"
+                          "codes = tok.encode(images)            # (B, 3, H, W) in [-1, 1] -> (B, h, w, G)\n"
+                          "recon = tok.decode(codes)             # groups_to_use=k decodes from the first k groups")
 
 
 # ---- presets ---------------------------------------------------------------------------------------------------------
