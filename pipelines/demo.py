@@ -141,9 +141,9 @@ def train_tokenizer(out: Path, data_path: Path, p: dict, seed: int) -> Path:
                       data_path=str(data_path), data_split="train", image_size=32, batch_size=p["tok_batch"],
                       steps=p["tok_steps"], lr=p["tok_lr"], weight_decay=0.0,
                       loss={"perceptual_weight": 0.0, "disc_weight": 0.0},  # LPIPS / GAN cost more than they give at 32px
-                      mixed_precision="no", out_dir=str(folder), log_every=10,
+                      precision="fp32", out_dir=str(folder), log_every=10,
                       sample_every=max(p["tok_steps"] // 3, 1), save_every=p["tok_steps"], keep_checkpoints=1,
-                      resume=None, seed=seed)
+                      resume="none", seed=seed)
     train(cfg)
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # only final/ is needed downstream
     mark_done(folder, settings)

@@ -95,5 +95,6 @@ class MetricLogger:
                 tracker.log_artifact(png_path)
 
     def close(self) -> None:
-        if self.trackers:
-            self.acc.end_training()
+        """Finish the trackers (and end accelerate's run: its process group is released)."""
+        self.acc.end_training()
+        self.trackers = []

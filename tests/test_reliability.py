@@ -43,7 +43,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 # tiny stage-one run: skimage photo crops (offline), 0.3M-param tokenizer, no LPIPS (no download), PatchGAN from step 2
 TOK_FAST = ["data=skimage", "num_crops=256", "model=mgvq-tiny", "model_overrides.vqgan.ch=16", "batch_size=4",
-            "mixed_precision=no", "num_samples=0", "log_every=1", "loss.perceptual_weight=0", "loss.disc_start=2",
+            "precision=fp32", "num_samples=0", "log_every=1", "loss.perceptual_weight=0", "loss.disc_start=2",
             "keep_checkpoints=10", "sample_every=1000"]
 GEN_FAST = ["--config", "configs/generator/tiny.yaml", "global_batch_size=16", "batch_size=8", "log_every=1",
             "sample_every=0", "num_workers=0", "tensorboard=false", "keep_last=10", "synthetic_size=64"]
@@ -130,10 +130,10 @@ def test_train_tokenizer_sigkill_resume_equals_uninterrupted(tmp_path):
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     assert not os.path.exists(os.path.join(b, "final"))
-    assert os.listdir(os.path.join(b, "checkpoints")) == ["step_0000005"]
+    assert os.listdir(os.path.join(b, "checkpoints")) == ["step_00000005"]
     r = subprocess.run(args + [f"out_dir={b}"], cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "resumed from" in r.stdout + r.stderr and "step_0000005" in r.stdout + r.stderr
+    assert "resumed from" in r.stdout + r.stderr and "step_00000005" in r.stdout + r.stderr
     assert _metric_steps(b) == list(range(1, 11))  # lines past the checkpoint were dropped, then recomputed
     ma = [json.loads(ln) for ln in open(os.path.join(a, "metrics.jsonl"))]
     mb = [json.loads(ln) for ln in open(os.path.join(b, "metrics.jsonl"))]
@@ -145,27 +145,23 @@ def test_train_tokenizer_sigkill_resume_equals_uninterrupted(tmp_path):
 
 
 def _crash_during_save(monkeypatch, save_number):
-    """Make the `save_number`-th accelerate save_state die half-way, as a kill -9 mid-write would: the folder it was
-    told to write holds a truncated model file and nothing else."""
-    from accelerate import Accelerator
+    """Make the `save_number`-th checkpoint die half-way, as a kill -9 mid-write would: its model file is truncated
+    and nothing after it is written (fault injection from the test: runtime.checkpoint.save_module is patched)."""
+    from runtime import checkpoint
 
-    real, calls = Accelerator.save_state, {"n": 0}
+    real, calls = checkpoint.save_module, {"n": 0}
 
-    def dying_save_state(self, output_dir=None, **kw):
-        calls["n"] += 1
-        out = real(self, output_dir, **kw)
-        if calls["n"] == save_number:
-            for name in os.listdir(output_dir):
-                p = os.path.join(output_dir, name)
-                if name == "model.safetensors":
-                    with open(p, "r+b") as f:
-                        f.truncate(os.path.getsize(p) // 2)
-                elif os.path.isfile(p):
-                    os.remove(p)
-            raise KeyboardInterrupt("simulated kill while writing a checkpoint")
-        return out
+    def dying_save_module(stem, module):
+        real(stem, module)
+        if os.path.basename(str(stem)) == "model":
+            calls["n"] += 1
+            if calls["n"] == save_number:
+                path = f"{stem}.safetensors"
+                with open(path, "r+b") as f:
+                    f.truncate(os.path.getsize(path) // 2)
+                raise KeyboardInterrupt("simulated kill while writing a checkpoint")
 
-    monkeypatch.setattr(Accelerator, "save_state", dying_save_state)
+    monkeypatch.setattr(checkpoint, "save_module", dying_save_module)
 
 
 def test_train_tokenizer_crash_while_saving_a_checkpoint_loses_nothing(tmp_path, monkeypatch):
@@ -248,8 +244,8 @@ def test_train_tokenizer_nonfinite_skipped_weights_untouched_then_stop_keeps_che
     a = tmp_path / "a"
     main(common + ["steps=5", "max_nonfinite=3", f"out_dir={a}"])
     m = [json.loads(ln) for ln in open(a / "metrics.jsonl")]
-    assert [r["nonfinite_skipped"] for r in m] == [0, 0, 1, 2, 2]
-    w = {s: _ckpt_params(a / "checkpoints" / f"step_{s:07d}") for s in (1, 2, 3, 4, 5)}
+    assert [r["skipped_steps"] for r in m] == [0, 0, 1, 2, 2]
+    w = {s: _ckpt_params(a / "checkpoints" / f"step_{s:08d}") for s in (1, 2, 3, 4, 5)}
     assert any(not torch.equal(w[1][k], w[2][k]) for k in w[1])  # finite steps train
     for s in (3, 4):  # the NaN steps changed no parameter at all (codebook included)
         assert all(torch.equal(w[2][k], w[s][k]) for k in w[2]), s
@@ -257,10 +253,10 @@ def test_train_tokenizer_nonfinite_skipped_weights_untouched_then_stop_keeps_che
 
     calls["n"], calls["nan"] = 0, set(range(3, 100))
     b = tmp_path / "b"
-    with pytest.raises(RuntimeError, match=r"2 non-finite steps in a row \(max_nonfinite=2\) at step 3"):
+    with pytest.raises(RuntimeError, match=r"2 non-finite steps in a row \(max_nonfinite=2\) at steps 3..4"):
         main(common + ["steps=8", "save_every=2", "max_nonfinite=2", f"out_dir={b}"])
-    assert os.listdir(b / "checkpoints") == ["step_0000002"] and not (b / "final").exists()
-    kept = _ckpt_params(b / "checkpoints" / "step_0000002")  # the last good checkpoint, intact and loadable
+    assert os.listdir(b / "checkpoints") == ["step_00000002"] and not (b / "final").exists()
+    kept = _ckpt_params(b / "checkpoints" / "step_00000002")  # the last good checkpoint, intact and loadable
     assert all(torch.equal(kept[k], w[2][k]) for k in kept)
 
 
@@ -289,7 +285,7 @@ def test_bad_files_are_skipped_converted_and_counted_in_log_and_metadata(assets,
     # stage-one training: 8 files, 2 steps of 4 cover each once; the 3 unreadable ones are counted in the log
     out = tmp_path / "tok"
     main(["data=" + str(assets / "images"), "model=mgvq-tiny", "model_overrides.vqgan.ch=16", "image_size=32",
-          "batch_size=4", "steps=2", "log_every=1", "num_samples=0", "mixed_precision=no", "save_every=2",
+          "batch_size=4", "steps=2", "log_every=1", "num_samples=0", "precision=fp32", "save_every=2",
           "loss.perceptual_weight=0", "loss.disc_weight=0", f"out_dir={out}"])
     m = [json.loads(ln) for ln in open(out / "metrics.jsonl")]
     assert m[-1]["decode_failures"] == 3 and json.load(open(out / "summary.json"))["decode_failures"] == 3
