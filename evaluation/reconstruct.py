@@ -59,18 +59,21 @@ def evaluate_reconstruction(encode_fn: Callable, decode_fn: Callable, images: Se
     """Reconstruction metrics of a tokenizer given as callables.
 
     encode_fn(x (B, 3, H, W) in [-1, 1]) -> indices (B, h, w, G) int; decode_fn(indices, groups_to_use) -> [-1, 1]
-    (groups_to_use None = all). `images`: uint8 (H, W, 3) arrays of one size (an (N, H, W, 3) array or e.g.
+    (groups_to_use None = all). groups=0: a continuous tokenizer (an autoencoder / VAE): encode_fn returns its latent,
+    decode_fn(latent, None) decodes it, and usage / coarse-to-fine are absent from the result.
+    `images`: uint8 (H, W, 3) arrays of one size (an (N, H, W, 3) array or e.g.
     `metrics.ImageFolder(dir, size=(256, 256))`). `lpips_fn(x, y)` with x, y in [-1, 1] -> per-image distances.
     `inception` (optional) adds rFID. With `out_dir`, writes examples/{worst,best}_*.png (original | reconstruction).
     """
     n = len(images)
     if n < 1:
         raise ValueError("evaluate_reconstruction: no images")
-    if groups < 1:
-        raise ValueError(f"evaluate_reconstruction: groups={groups} must be >= 1")
+    if groups < 0:
+        raise ValueError(f"evaluate_reconstruction: groups={groups} must be >= 1 (or 0 for a continuous tokenizer)")
+    coarse_to_fine = coarse_to_fine and groups > 0
     mse, ssim, lp = [], [], []
     mse_by_groups = {g: [] for g in range(1, groups + 1)} if coarse_to_fine else {}
-    counts = None if codebook_size is None else torch.zeros(groups, codebook_size, dtype=torch.long)
+    counts = None if codebook_size is None or not groups else torch.zeros(groups, codebook_size, dtype=torch.long)
     distinct = [set() for _ in range(groups)] if codebook_size is None else None
     pool_x, pool_r, examples = [], [], []  # examples: (psnr, index, original HWC, recon HWC)
     t0, start = time.time(), 0
@@ -78,7 +81,7 @@ def evaluate_reconstruction(encode_fn: Callable, decode_fn: Callable, images: Se
         b = x_u8.shape[0]
         x = (x_u8.float() / 127.5 - 1).to(device)
         idx = encode_fn(x)
-        if not torch.is_tensor(idx) or idx.dim() != 4 or idx.shape[0] != b or idx.shape[-1] != groups:
+        if groups and (not torch.is_tensor(idx) or idx.dim() != 4 or idx.shape[0] != b or idx.shape[-1] != groups):
             got = tuple(idx.shape) if torch.is_tensor(idx) else type(idx).__name__
             raise ValueError(f"encode_fn must return indices (B={b}, h, w, G={groups}), got {got}")
         r_u8 = M.to_uint8((decode_fn(idx, None).float().cpu() + 1) / 2)
@@ -91,7 +94,7 @@ def evaluate_reconstruction(encode_fn: Callable, decode_fn: Callable, images: Se
         if lpips_fn is not None:
             d = lpips_fn(x, (r_u8.float() / 127.5 - 1).to(device))
             lp.append(torch.as_tensor(d).float().reshape(b, -1).mean(1).cpu().numpy())
-        idx_cpu = idx.long().cpu().reshape(-1, groups)
+        idx_cpu = idx.long().cpu().reshape(-1, groups) if groups else None
         for g in range(groups):
             if counts is not None:
                 if idx_cpu[:, g].min() < 0 or idx_cpu[:, g].max() >= codebook_size:
@@ -131,7 +134,9 @@ def evaluate_reconstruction(encode_fn: Callable, decode_fn: Callable, images: Se
         pool_x, pool_r = np.concatenate(pool_x), np.concatenate(pool_r)
         if n >= 2:
             res["rfid"] = M.frechet_distance_to_features(pool_r, *M.feature_statistics(pool_x))
-    if counts is not None:
+    if not groups:
+        pass  # continuous latent: no codes
+    elif counts is not None:
         p = counts.double() / counts.sum(1, keepdim=True)
         ent = -(p * p.clamp_min(1e-30).log()).sum(1)
         res["codebook_size"] = codebook_size
@@ -239,12 +244,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.lpips_weights_dir is not None:
             raise
         print(f"LPIPS skipped: {e}")
-    res = evaluate_reconstruction(tok.encode, lambda idx, g: tok.decode(idx, groups_to_use=g), images,
-                                  groups=tok.config.groups, codebook_size=tok.config.codebook_size,
+    if tok.is_quantized:
+        enc, dec, groups = tok.encode, (lambda idx, g: tok.decode(idx, groups_to_use=g)), tok.config.groups
+    else:  # continuous baseline (quantizer none / kl): its latent, no indices, usage or coarse-to-fine
+        enc, dec, groups = tok.encode_latent, (lambda z, g: tok.decode_latent(z)), 0
+    res = evaluate_reconstruction(enc, dec, images, groups=groups, codebook_size=tok.config.codebook_size,
                                   lpips_fn=lpips_fn, inception=inception, batch_size=args.batch_size,
                                   coarse_to_fine=not args.no_coarse_to_fine, num_examples=args.num_examples,
                                   out_dir=out, device=args.device)
-    res.update(tokenizer=str(Path(args.tokenizer).resolve()), data=str(Path(args.data).resolve()),
+    res.update(tokenizer=str(Path(args.tokenizer).resolve()), quantizer=tok.config.quantizer,
+               data=str(Path(args.data).resolve()),
                inception_weights=None if inception is None else str(inception.weights_path),
                lpips_net="vgg" if lpips_fn else None)
     (out / "metrics.json").write_text(json.dumps(res, indent=2))

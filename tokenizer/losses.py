@@ -4,6 +4,7 @@ Paper eq. 5 (MGVQ, following LlamaGen): L = L2 + Charbonnier + w_p LPIPS + w_cb 
 LlamaGen defaults (reference B.8): L2 1.0, LPIPS-VGG 1.0, PatchGAN (3 layers, ndf 64, BatchNorm) with hinge losses,
 disc_weight 0.5 switched on at step disc_start = 20000 (`adopt_weight` zeroes G and D adversarial terms before), no
 adaptive weight. The Charbonnier weight is not recoverable from the paper text; 1.0 is our choice.
+Continuous baselines (tokenizer quantizer "kl"): + kl_weight * KL, as SD-VAE (see `LossConfig.kl_weight`).
 """
 from __future__ import annotations
 
@@ -103,13 +104,18 @@ class LossConfig:
     perceptual_weight: float = 1.0  # 0 skips building LPIPS
     perceptual_net: str = "vgg"
     codebook_weight: float = 1.0  # on sum over kept groups of (vq + commit); commit already carries beta
+    # quantizer "kl" only: weight of KL(q(z|x) || N(0, I)) summed over the latent and divided by the number of pixel
+    # values of an image (3 H W). SD-VAE sums its pixel losses per image and uses 1e-6 on the summed KL; our pixel
+    # losses are means, so this per-pixel normalisation keeps SD-VAE's balance with the same 1e-6.
+    kl_weight: float = 1e-6
     disc_weight: float = 0.5
     disc_start: int = 20000
     disc_ndf: int = 64
     disc_layers: int = 3
 
     def __post_init__(self):
-        for name in ("l2_weight", "charbonnier_weight", "perceptual_weight", "codebook_weight", "disc_weight"):
+        for name in ("l2_weight", "charbonnier_weight", "perceptual_weight", "codebook_weight", "kl_weight",
+                     "disc_weight"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and v >= 0):
                 raise ValueError(f"loss.{name} must be a number >= 0, got {v!r}")
@@ -151,6 +157,8 @@ class TokenizerLoss(nn.Module):
         k = int(out.keep_groups)
         terms["vq"] = out.vq_loss[:k].float().sum()
         terms["commit"] = out.commit_loss[:k].float().sum()
+        kl = getattr(out, "kl_loss", None)  # continuous "kl" tokenizers only
+        terms["kl"] = kl.float() / x[0].numel() if kl is not None else zero
         factor = self.disc_factor(step)
         if factor > 0:
             terms["g_adv"] = hinge_g_loss((disc or self.discriminator)(recon.contiguous()))
@@ -158,7 +166,8 @@ class TokenizerLoss(nn.Module):
             terms["g_adv"] = zero
         total = (cfg.l2_weight * terms["l2"] + cfg.charbonnier_weight * terms["charbonnier"]
                  + cfg.perceptual_weight * terms["perceptual"]
-                 + cfg.codebook_weight * (terms["vq"] + terms["commit"]) + factor * terms["g_adv"])
+                 + cfg.codebook_weight * (terms["vq"] + terms["commit"]) + cfg.kl_weight * terms["kl"]
+                 + factor * terms["g_adv"])
         terms["total"] = total
         return total, {k_: float(v.detach()) for k_, v in terms.items()}
 

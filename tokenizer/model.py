@@ -3,6 +3,12 @@
 Backbones: "vqgan" (LlamaGen's conv VQGAN, `tokenizer.vqgan`) or "dcae" (the DC-AE/EfficientViT backbone of the released
 MGVQ checkpoints, `tokenizer.dcae`, imported lazily). `TokenizerConfig` is the single source of truth; YAML and presets
 only overlay it. Checkpoints: `save_pretrained(dir)` writes model.safetensors + config.json.
+
+Bottleneck (`quantizer`): "vq" = the multi-group quantizer (MGVQ); the continuous baselines of the paper's question
+("could VQ-VAE beat VAE?") keep the same encoder, decoder and latent C: "none" = a plain autoencoder (the latent passes
+through), "kl" = a KL-regularised VAE as SD-VAE (quant_conv predicts mean and log-variance; training samples
+z = mean + std * eps and returns KL(q(z|x) || N(0, I)); eval uses the mean). Continuous tokenizers have no indices:
+use `encode_latent` / `decode_latent`.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ from tokenizer.quantizer import MultiGroupQuantizer, check_keep_probs, default_k
 from tokenizer.vqgan import Decoder, Encoder, VQGANConfig
 
 BACKBONES = ("vqgan", "dcae")
+QUANTIZERS = ("vq", "none", "kl")
 
 
 @dataclass
@@ -30,6 +37,7 @@ class TokenizerConfig:
     backbone: str = "vqgan"  # "vqgan" | "dcae"
     vqgan: VQGANConfig = field(default_factory=VQGANConfig)
     dcae: dict | None = None  # kwargs for tokenizer.dcae.DCAEConfig when backbone == "dcae"
+    quantizer: str = "vq"  # "vq" (multi-group VQ) | "none" (plain autoencoder) | "kl" (SD-VAE-style KL VAE)
     latent_dim: int = 32  # C
     groups: int = 4  # G sub-tokens per position, each of dim C/G
     codebook_size: int = 8192  # K codes per group
@@ -37,6 +45,8 @@ class TokenizerConfig:
     l2_norm: bool = True
     grouped_quant_conv: bool = False  # True: released MGVQ's Conv2d(C, C, 1, groups=G) both ways
     nested_keep_probs: list[float] | None = None  # P(keep first k groups), k = 1..G; None: no masking; "default"
+    # (the fields from codebook_size to reinit_decay only act when quantizer == "vq"; nested masking is set to None
+    # for the continuous bottlenecks, so that e.g. from_preset("mgvq-tiny", quantizer="kl") works)
     usage_window: int = 65536
     dead_code_reinit: bool = False
     reinit_decay: float = 0.01
@@ -52,6 +62,10 @@ class TokenizerConfig:
         if self.backbone == "dcae" and not isinstance(self.dcae, dict):
             raise ValueError("backbone='dcae' needs dcae = dict of tokenizer.dcae.DCAEConfig kwargs, got "
                              f"{self.dcae!r}")
+        if self.quantizer not in QUANTIZERS:
+            raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
+        if self.quantizer != "vq":
+            self.nested_keep_probs = None  # masking sub-tokens is a property of the multi-group quantizer
         if self.groups < 1 or self.latent_dim < 1 or self.latent_dim % self.groups:
             raise ValueError(f"latent_dim ({self.latent_dim}) must be a positive multiple of groups ({self.groups})")
         if self.codebook_size < 2:
@@ -134,13 +148,17 @@ def apply_overrides(base: dict, overrides: dict) -> dict:
 # ---- output ----------------------------------------------------------------------------------------------------------
 @dataclass
 class TokenizerOutput:
+    """Continuous bottlenecks (quantizer "none" / "kl"): indices None, keep_groups 0 and empty (0,) vq_loss /
+    commit_loss / usage / perplexity; kl_loss is set for "kl" only."""
+
     recon: torch.Tensor  # (B, 3, H, W)
-    indices: torch.Tensor  # (B, h, w, keep_groups) int64
+    indices: torch.Tensor | None  # (B, h, w, keep_groups) int64
     vq_loss: torch.Tensor  # (G,)
     commit_loss: torch.Tensor  # (G,)
     keep_groups: int
     usage: torch.Tensor  # (G,)
     perplexity: torch.Tensor  # (G,)
+    kl_loss: torch.Tensor | None = None  # () KL(q(z|x) || N(0, I)) summed over the latent, mean over the batch
 
 
 # ---- model -----------------------------------------------------------------------------------------------------------
@@ -157,44 +175,79 @@ class MGVQTokenizer(nn.Module, MGVQHubMixin, tags=["image-tokenizer", "vector-qu
             dcfg = dcae.DCAEConfig(**cfg.dcae)
             self.encoder, self.decoder = dcae.DCAEEncoder(dcfg, C), dcae.DCAEDecoder(dcfg, C)
             z_ch = C
+        moments = 2 * C if cfg.quantizer == "kl" else C  # "kl": mean and log-variance
         if cfg.grouped_quant_conv:
-            self.quant_conv = nn.Conv2d(C, C, 1, groups=G)
+            self.quant_conv = nn.Conv2d(C, moments, 1, groups=G)
             self.post_quant_conv = nn.Conv2d(C, C, 1, groups=G)
         else:
-            self.quant_conv = nn.Conv2d(z_ch, C, 1)
+            self.quant_conv = nn.Conv2d(z_ch, moments, 1)
             self.post_quant_conv = nn.Conv2d(C, z_ch, 1)
-        self.quantize = MultiGroupQuantizer(C, G, cfg.codebook_size, cfg.beta, cfg.l2_norm, cfg.usage_window,
-                                            cfg.dead_code_reinit, cfg.reinit_decay, cfg.nested_keep_probs)
+        self.quantize = None  # continuous bottlenecks have no parameters
+        if cfg.quantizer == "vq":
+            self.quantize = MultiGroupQuantizer(C, G, cfg.codebook_size, cfg.beta, cfg.l2_norm, cfg.usage_window,
+                                                cfg.dead_code_reinit, cfg.reinit_decay, cfg.nested_keep_probs)
+
+    @property
+    def is_quantized(self) -> bool:
+        """False for the continuous baselines (quantizer "none" / "kl"), which have no indices or codebook."""
+        return self.quantize is not None
+
+    def _require_quantized(self, what: str, instead: str) -> None:
+        if not self.is_quantized:
+            raise ValueError(f"{what} needs a vector-quantized tokenizer, but this one has quantizer="
+                             f"{self.config.quantizer!r} (a continuous latent, no indices); use {instead}")
 
     # ---- stage-one API ---------------------------------------------------------------------------------------------
     def encode_latent(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [-1, 1] -> pre-quantization latent (B, C, h, w)."""
-        return self.quant_conv(self.encoder(x))
+        """(B, 3, H, W) in [-1, 1] -> latent (B, C, h, w): the pre-quantization latent ("vq"), the autoencoder's latent
+        ("none") or the posterior mean ("kl", SD-VAE's `.mode()`)."""
+        h = self.quant_conv(self.encoder(x))
+        return h[:, :self.config.latent_dim] if self.config.quantizer == "kl" else h
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> indices (B, h, w, G) int64, local per group in [0, K)."""
+        self._require_quantized("encode", "encode_latent(x) -> (B, C, h, w) and decode_latent(z)")
         f = self.config.downsample
         if x.dim() != 4 or x.shape[-1] % f or x.shape[-2] % f:
             raise ValueError(f"encode expects (B, 3, H, W) with H, W multiples of {f}, got {tuple(x.shape)}")
         return self.quantize.encode_indices(self.encode_latent(x))
 
     def decode_latent(self, quant: torch.Tensor) -> torch.Tensor:
-        """(B, C, h, w) quantized latent -> (B, 3, H, W)."""
+        """(B, C, h, w) quantized (or, for a continuous tokenizer, continuous) latent -> (B, 3, H, W)."""
         return self.decoder(self.post_quant_conv(quant))
 
     def decode(self, indices: torch.Tensor, groups_to_use: int | None = None) -> torch.Tensor:
         """indices (B, h, w, G) -> images (B, 3, H, W) in [-1, 1] (not clamped); groups >= groups_to_use are zeroed."""
+        self._require_quantized("decode", "decode_latent(z) on z = encode_latent(x)")
         return self.decode_latent(self.quantize.lookup(indices, groups_to_use).to(self.post_quant_conv.weight.dtype))
 
     def forward(self, x: torch.Tensor, keep_groups: int | None = None) -> TokenizerOutput:
         """Training forward. keep_groups=None: nested masking draws k in training (if enabled), else all groups."""
+        if not self.is_quantized:
+            return self._forward_continuous(x, keep_groups)
         q = self.quantize(self.encode_latent(x), keep_groups)
         recon = self.decode_latent(q.z_q.to(x.dtype))
         return TokenizerOutput(recon, q.indices, q.vq_loss, q.commit_loss, q.keep_groups, q.usage, q.perplexity)
 
+    def _forward_continuous(self, x: torch.Tensor, keep_groups: int | None) -> TokenizerOutput:
+        if keep_groups is not None:
+            raise ValueError(f"keep_groups={keep_groups} needs quantizer='vq' (a continuous latent has no sub-tokens "
+                             f"to keep); this tokenizer has quantizer={self.config.quantizer!r}")
+        h = self.quant_conv(self.encoder(x))
+        kl = None
+        if self.config.quantizer == "kl":
+            mean, logvar = h.float().chunk(2, dim=1)
+            logvar = logvar.clamp(-30.0, 20.0)  # SD-VAE's DiagonalGaussianDistribution
+            kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=(1, 2, 3)).mean()
+            h = mean + (0.5 * logvar).exp() * torch.randn_like(mean) if self.training else mean
+        recon = self.decode_latent(h.to(x.dtype))
+        empty = recon.new_zeros(0, dtype=torch.float32)
+        return TokenizerOutput(recon, None, empty, empty, 0, empty, empty, kl)
+
     def codebook(self) -> torch.Tensor:
         """Raw code vectors (G, K, C/G) (not normalised), the generator's projector input."""
+        self._require_quantized("codebook", "a quantizer='vq' tokenizer for the generator's projector")
         return self.quantize.codebook()
 
     def num_parameters(self, trainable_only: bool = False) -> int:
