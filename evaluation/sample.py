@@ -272,9 +272,11 @@ def _parser() -> argparse.ArgumentParser:
     add_sampling_args(p, default_note=" (default: the pipeline's)")  # one value or one per sub-codebook
     p.add_argument("--cfg-interval", type=int, help="CFG interval (default: the pipeline's)")
     p.add_argument("--seed", type=int, default=0,
-                   help="base seed; image i has seed+i (a batch is sampled with its first image's seed)")
+                   help="base seed; image i has seed+i (its own generator: the same image whatever the batch size "
+                        "or the number of processes)")
     p.add_argument("--resize-to", type=int, help="resize samples to this size, bicubic on the float tensor (e.g. 256)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="generator dtype")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (pays off on GPUs)")
     p.add_argument("--ref", help="reference: ADM npz (mu/sigma and/or arr_0) or an image folder; omit to only sample")
     p.add_argument("--inception-weights", help=f"path of {M.INCEPTION_WEIGHTS_NAME} "
                                                f"(default: $TORCH_HOME/hub/checkpoints/)")
@@ -294,8 +296,8 @@ def validate_args(args: argparse.Namespace) -> None:
                     ("--resize-to", args.resize_to)):
         if v is not None and v < 1:
             bad(flag, v, "an integer >= 1")
-    if args.guidance_scale is not None and not args.guidance_scale >= 0:
-        bad("--guidance-scale", args.guidance_scale, ">= 0 (1.0 = no guidance)")
+    if args.guidance_scale is not None and not 0 <= args.guidance_scale < float("inf"):  # NaN / inf too
+        bad("--guidance-scale", args.guidance_scale, "a finite number >= 0 (1.0 = no guidance)")
     # --temperature / --top-k / --top-p values were checked when parsed; their count (one or G) and top-k <= K here
     layout = pipeline_layout(args.pipeline) if args.pipeline is not None else None
     if layout is not None:
@@ -345,8 +347,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{json.dumps(config)}", flush=True)
 
         def sample_fn(labels: torch.Tensor, seeds: list) -> torch.Tensor:
-            g = torch.Generator(dist.device).manual_seed(seeds[0])
-            return pipe(labels.tolist(), generator=g, output_type="pt", progress=False, **kw).images
+            gens = [torch.Generator(dist.device).manual_seed(s) for s in seeds]  # one per image: seed + i
+            return pipe(labels.tolist(), generator=gens, output_type="pt", progress=False, compile=args.compile,
+                        **kw).images
 
         npz = generate_samples(sample_fn, out, args.num_images, num_classes, args.batch_size, args.seed,
                                args.resize_to, config=config, dist=dist)

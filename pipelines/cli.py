@@ -10,10 +10,15 @@
     mgvq demo [--quick]
 
 Each verb's `--help` shows a working example. Modules are imported lazily so `mgvq --help` is instant.
+
+A user error (a missing path, an unknown class name, an invalid value, a damaged model file) prints one line
+`mgvq <verb>: error: ...` and exits with status 2; `--debug` (anywhere on the line) or MGVQ_DEBUG=1 shows the Python
+traceback instead. Anything else (a bug, CUDA out of memory) keeps its traceback. `mgvq --version` prints the version.
 """
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 VERBS: dict[str, tuple[str, str]] = {
@@ -29,15 +34,46 @@ VERBS: dict[str, tuple[str, str]] = {
 }
 
 
+# what a user can cause and fix (bad path / value / label, damaged file, full disk); other exceptions are bugs
+USER_ERRORS = (ValueError, OSError)
+
+
 def _usage() -> str:
-    lines = ["usage: mgvq <verb> [args...]", "", "verbs:"]
+    lines = ["usage: mgvq [--version] [--debug] <verb> [args...]", "", "verbs:"]
     lines += [f"  {v:<22} {d}" for v, (_, d) in VERBS.items()]
-    lines += ["", "Run `mgvq <verb> --help` for the verb's options and an example."]
+    lines += ["", "Run `mgvq <verb> --help` for the verb's options and an example.",
+              "Errors print one line; --debug (or MGVQ_DEBUG=1) shows the traceback."]
     return "\n".join(lines)
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("mgvq")
+    except PackageNotFoundError:
+        return "unknown (not installed: pip install -e .)"
+
+
+def _one_line(verb: str, message: str) -> str:
+    """`mgvq <verb>: error: <message>` on one line (a message's own "mgvq <verb>: " / "<verb>: " prefix dropped)."""
+    msg = " ".join(str(message).split())
+    for prefix in (f"mgvq {verb}:", f"{verb}:", "error:"):
+        if msg.startswith(prefix):
+            msg = msg[len(prefix):].strip()
+    return f"mgvq {verb}: error: {msg or 'failed'}"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("MGVQ_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+    if "--debug" in argv:
+        debug = True
+        argv = [a for a in argv if a != "--debug"]
+    if argv and argv[0] in ("--version", "-V"):
+        print(f"mgvq {version()}")
+        return 0
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
@@ -49,8 +85,26 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         print(f"mgvq: unknown verb {verb!r}.{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(VERBS[verb][0])
-    rc = module.main(rest)
+    try:
+        module = importlib.import_module(VERBS[verb][0])
+        rc = module.main(rest)
+    except SystemExit as e:  # argparse (an int status, its message already printed) or `raise SystemExit("...")`
+        if e.code is None or isinstance(e.code, int):
+            return int(e.code or 0)
+        if debug:
+            raise
+        print(_one_line(verb, e.code), file=sys.stderr)
+        return 2
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        print(_one_line(verb, f"{e}" if str(e) else type(e).__name__), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"mgvq {verb}: interrupted", file=sys.stderr)
+        return 130
     return int(rc or 0)
 
 

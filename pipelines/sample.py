@@ -8,6 +8,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -16,18 +17,33 @@ import torch
 from runtime.cli_args import add_sampling_args, check_sampling_args, pipeline_layout
 
 
+def _finite(text: str) -> float:  # a finite float (`--guidance-scale nan` stops here, not in the sampler)
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"{text!r} is not finite; give a finite number")
+    return v
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mgvq sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pipeline", required=True, help="pipeline folder (MGVQPipeline.save_pretrained) or hub id")
     p.add_argument("--labels", nargs="+", required=True, help="class ids or class names")
     p.add_argument("--n", type=int, default=1, help="images per label")
-    p.add_argument("--guidance-scale", type=float, default=None)
+    p.add_argument("--guidance-scale", type=_finite, default=None, help="CFG scale >= 0 (default: the pipeline's)")
     add_sampling_args(p, default_note=" (default: the pipeline's)")
     p.add_argument("--cfg-interval", type=int, default=None)
     p.add_argument("--groups-to-use", type=int, default=None, help="decode from the first k groups only")
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cfg-schedule", choices=["constant", "linear"], default=None, help="(default: the pipeline's)")
+    p.add_argument("--seed", type=int, default=0, help="image i is seeded by draw i of this seed, so an image does "
+                                                      "not change with the other labels or --batch-size")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="generator dtype (bfloat16 / float16: faster on GPUs)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (pays off on GPUs)")
     p.add_argument("--out", default="samples.png", help="grid PNG path; a folder gets one PNG per image")
     a = p.parse_args(argv)
 
@@ -43,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     if layout is not None:
         check_sampling_args(sampling, *layout, prog="mgvq sample")
 
-    pipe = MGVQPipeline.from_pretrained(a.pipeline).to(a.device)
+    pipe = MGVQPipeline.from_pretrained(a.pipeline).to(a.device, getattr(torch, a.dtype))
     if layout is None:  # a hub id: checked once the config is here
         check_sampling_args(sampling, pipe.generator.config.groups, pipe.generator.config.codebook_size,
                             prog="mgvq sample")
@@ -51,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     g = torch.Generator(a.device).manual_seed(a.seed)
     out = pipe(labels, guidance_scale=a.guidance_scale, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                cfg_interval=a.cfg_interval, groups_to_use=a.groups_to_use, num_images_per_label=a.n,
-               batch_size=a.batch_size, generator=g, output_type="pt")
+               cfg_schedule=a.cfg_schedule, batch_size=a.batch_size, generator=g, output_type="pt", compile=a.compile)
     if a.out.endswith(".png"):
         os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
         save_image(out.images, a.out, nrow=a.n if a.n > 1 else min(len(labels), 10))

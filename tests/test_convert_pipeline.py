@@ -66,9 +66,9 @@ def test_pipeline_names_and_errors(llamagen_pipeline):
         pipe([1], top_k=129)
 
 
-def test_convert_rejects_unknown_kind():
-    with pytest.raises(SystemExit, match="valid"):
-        mgvq(["convert", "--from", "vqgan-taming", "a", "b"])
+def test_convert_rejects_unknown_kind(capsys):
+    assert mgvq(["convert", "--from", "vqgan-taming", "a", "b"]) == 2  # a one-line user error
+    assert "valid" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -131,5 +131,6 @@ def test_mgvq_sample_cli_writes_grid_and_refuses_unwritable_out(llamagen_pipelin
 
     assert Image.open(tmp_path / "grid.png").size[0] > 8
     (tmp_path / "a_file").write_text("x")
-    with pytest.raises(OSError, match="--out"):
-        mgvq(["sample", "--pipeline", str(llamagen_pipeline), "--labels", "1", "--out", str(tmp_path / "a_file" / "x")])
+    with pytest.raises(OSError, match="--out"):  # --debug: the exception itself (without: one line, status 2)
+        mgvq(["sample", "--pipeline", str(llamagen_pipeline), "--labels", "1", "--out", str(tmp_path / "a_file" / "x"),
+              "--debug"])

@@ -200,10 +200,10 @@ def test_cli_samples_from_a_real_tiny_pipeline(tmp_path):
     with np.load(tmp_path / "a" / "samples.npz") as f:
         arr, labels = f["arr_0"], f["arr_1"]
     assert arr.shape == (5, 32, 32, 3) and labels.tolist() == [0, 1, 2, 3, 4]
-    # batch [3, 4] was made by one pipeline call seeded with seed + 3 (its first image)
+    # image i has its own generator seeded with seed + i: images 3 and 4, whatever batch they were made in
     pipe = MGVQPipeline.from_pretrained(str(tmp_path / "pipe"))
-    want = pipe([3, 4], guidance_scale=1.5, top_k=64, generator=torch.Generator().manual_seed(13), output_type="pt",
-                progress=False).images
+    want = pipe([3, 4], guidance_scale=1.5, top_k=64, generator=[torch.Generator().manual_seed(s) for s in (13, 14)],
+                output_type="pt", progress=False).images
     np.testing.assert_array_equal(arr[3:], M.nchw_to_nhwc(M.to_uint8(want)))
     assert json.loads((tmp_path / "a" / S.CONFIG_NAME).read_text())["guidance_scale"] == 1.5
     assert S.main(args + ["--resize-to", "16", "--out", str(tmp_path / "b")]) == 0
