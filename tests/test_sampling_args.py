@@ -41,7 +41,9 @@ def pipe2(tmp_path_factory):
 
 def _direct(pipe_dir, labels, seed, **kw) -> np.ndarray:
     pipe = MGVQPipeline.from_pretrained(pipe_dir)
-    x = pipe(labels, generator=torch.Generator().manual_seed(seed), output_type="pt", progress=False, **kw).images
+    # an int: one generator (mgvq sample); a list: one per image (evaluate-generation: image i has seed + i)
+    g = [torch.Generator().manual_seed(s) for s in seed] if isinstance(seed, list) else torch.Generator().manual_seed(seed)
+    x = pipe(labels, generator=g, output_type="pt", progress=False, **kw).images
     return M.nchw_to_nhwc(M.to_uint8(x))
 
 
@@ -111,7 +113,8 @@ def test_evaluate_generation_per_group(pipe4, tmp_path):
     assert saved["top_k"] == [1, 64, 64, 1] and saved["top_p"] == [1.0, 0.9, 1.0, 1.0]
     with np.load(tmp_path / "e" / "samples.npz") as f:
         arr = f["arr_0"]
-    np.testing.assert_array_equal(arr, _direct(pipe4, [0, 1, 2], 2, top_k=[1, 64, 64, 1], top_p=[1, 0.9, 1, 1]))
+    np.testing.assert_array_equal(arr, _direct(pipe4, [0, 1, 2], [2, 3, 4], top_k=[1, 64, 64, 1],
+                                                top_p=[1, 0.9, 1, 1]))
     with pytest.raises(SystemExit, match=r"evaluate-generation: --top-p 0.9,0.9,0.9 has 3 values.*G=4"):
         S.main(["--pipeline", pipe4, "--num-images", "3", "--top-p", "0.9,0.9,0.9", "--out", str(tmp_path / "f")])
     assert not (tmp_path / "f").exists()
