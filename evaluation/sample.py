@@ -278,8 +278,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="generator dtype")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (pays off on GPUs)")
     p.add_argument("--ref", help="reference: ADM npz (mu/sigma and/or arr_0) or an image folder; omit to only sample")
-    p.add_argument("--inception-weights", help=f"path of {M.INCEPTION_WEIGHTS_NAME} "
-                                               f"(default: $TORCH_HOME/hub/checkpoints/)")
+    p.add_argument("--inception-weights", default="auto",
+                   help=f"path of {M.INCEPTION_WEIGHTS_NAME}, or 'auto' (default): $TORCH_HOME/hub/checkpoints/, "
+                        f"downloaded there when online; otherwise the error names the URL and the destination")
     p.add_argument("--eval-batch-size", type=int, default=100, help="Inception batch size (default 100)")
     return p
 
@@ -366,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     res.update(samples=str(npz), ref=str(args.ref), inception_weights=str(inception.weights_path),
                eval_seconds=round(time.time() - t0, 1), settings=config)
     (out / "metrics.json").write_text(json.dumps(res, indent=2))
-    print(format_table({k: res[k] for k in ("num_images", "fid", "inception_score", "inception_score_std",
+    print(format_table({k: res[k] for k in ("num_images", "fid", "sfid", "inception_score", "inception_score_std",
                                             "precision", "recall", "num_ref_images")}))
     print(f"wrote {out / 'metrics.json'}")
     return 0
