@@ -88,6 +88,25 @@ def test_torchvision_file_is_preferred_and_gives_the_same_numbers(net, lpips_wei
     assert not torch.allclose(d_other[:2], d_jax[:2], rtol=1e-3)
 
 
+def test_official_lpips_package_reads_the_same_file_and_gives_our_numbers(lpips_weights_dir, no_torchvision, photos):
+    """A complete torchvision alexnet file (the sdist's conv weights; the classifier, which LPIPS never reads, random):
+    the official `lpips.LPIPS(net="alex")` loads it through torchvision itself, offline, and agrees with ours."""
+    import lpips
+    import torchvision
+
+    tv = torchvision.models.alexnet(weights=None)
+    feats = load_file(str(weights_path("alex", lpips_weights_dir)))
+    tv.features.load_state_dict({k[len("features."):]: v for k, v in feats.items() if k.startswith("features.")})
+    no_torchvision.mkdir(parents=True)
+    torch.save(tv.state_dict(), no_torchvision / "alexnet-owt-7be5be79.pth")
+    official = lpips.LPIPS(net="alex", verbose=False).eval()  # torchvision's own loader, strict, from the cache
+    ours = load_lpips("alex", lpips_weights_dir)
+    assert ours.backbone_source == f"torchvision {no_torchvision / 'alexnet-owt-7be5be79.pth'}"
+    x, y = _pairs(photos)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, y), official(x, y), rtol=0, atol=0)
+
+
 def test_torchvision_download_when_online_and_never_when_fetch_false(lpips_weights_dir, no_torchvision,
                                                                      monkeypatch, photos):
     feats = {k: v for k, v in load_file(str(weights_path("alex", lpips_weights_dir))).items()
