@@ -265,3 +265,17 @@ def test_non_finite_and_malformed_settings_rejected_before_sampling(pipe, kwargs
     monkeypatch.setattr(P, "generate", lambda *a, **k: pytest.fail("reached the sampler"))
     with pytest.raises(ValueError, match=match):
         pipe([0], progress=False, **kwargs)
+
+
+def test_generate_takes_one_generator_per_image_for_the_ar_head_too():
+    from generator import generate
+
+    torch.manual_seed(0)
+    gpt = GPT.from_preset("GPT-tiny", groups=G, codebook_size=K, grid=4, num_classes=10, head="ar").eval()
+    for p in gpt.ar_head.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    alone = generate(gpt, torch.tensor([2]), guidance_scale=3.0, top_k=[0, 64, 0, 16], generator=gens(5))
+    mixed = generate(gpt, torch.tensor([7, 2, 1]), guidance_scale=3.0, top_k=[0, 64, 0, 16], generator=gens(1, 5, 2))
+    assert torch.equal(mixed[1], alone[0]) and not torch.equal(mixed[0], mixed[1])
+    with pytest.raises(ValueError, match=r"a list needs one torch.Generator per image \(3\), got 2"):
+        generate(gpt, torch.tensor([7, 2, 1]), generator=gens(1, 2))
