@@ -9,7 +9,8 @@ Protocol (MGVQ's sample_c2i_ddp.py / LlamaGen's, see evaluation/__init__.py for 
 - image i has label i % num_classes (class-balanced like MGVQ's `arange(C).repeat(N/C)`) and seed base_seed + i;
 - images are made in fixed batches [c*B, (c+1)*B) and batch c goes to process c % world_size. A batch's content never
   depends on the number of processes or on earlier interruptions, so any shard can be redone and a batch-seeded
-  sampler (one torch.Generator per batch, seeded with its first image's seed) is reproducible too;
+  sampler (one torch.Generator per batch, seeded with its first image's seed) is reproducible too; `--pipeline`
+  sampling uses one generator per image (seed + i), so its images do not depend on --batch-size either;
 - one PNG per image, `images/{i:06d}.png`, written atomically (tmp + rename); finished batches are skipped on rerun;
 - optional resize (e.g. 384 -> 256) with bicubic interpolation on the float tensor (LlamaGen), then clamp and uint8;
 - when every image exists, the main process writes `samples.npz` (`arr_0` uint8 NHWC, `arr_1` labels) for ADM's
