@@ -23,7 +23,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tokenizer import MGVQTokenizer  # noqa: E402
-from tokenizer.cache_codes import (_collate, _parser, _ViewsDataset, make_views, open_source, run,  # noqa: E402
+from tokenizer.cache_codes import (_collate, _ViewsDataset, make_views, open_source, run,  # noqa: E402
                                    to_model_input, view_names)
 
 
@@ -99,12 +99,9 @@ def main(argv=None) -> None:
     data_s = time.perf_counter() - t
 
     # ---- the cache: full cache_codes loop on the same images ----
-    args = _parser().parse_args(["--tokenizer", tok_dir, "--data", data, "--out", os.path.join(tmp, "out"),
-                                 "--image-size", str(S), "--batch-size", str(a.batch_size), "--views", a.views,
-                                 "--num-workers", str(a.num_workers), "--precision", a.precision,
-                                 "--shard-size", str(a.shard_size), "--limit", str(n)])
     t = time.perf_counter()
-    stats = run(args)
+    stats = run(tokenizer=tok_dir, data=data, out=os.path.join(tmp, "out"), image_size=S, batch_size=a.batch_size,
+                views=a.views, num_workers=a.num_workers, precision=a.precision, shard_size=a.shard_size, limit=n)
     wall = time.perf_counter() - t
     cache_s = stats["seconds"]
 

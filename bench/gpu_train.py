@@ -57,7 +57,7 @@ def main():
 
     import deepspeed
     from generator.model import GPT
-    from generator.train import LossModule, flops_per_sequence, param_groups
+    from generator.train import LossModule
 
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -92,8 +92,8 @@ def main():
                 with torch.device(device):
                     model = GPT.from_preset(args.preset, codebook=codebook, grad_checkpointing=gc_on, **model_kw)
                 n_params = model.num_parameters()
-                fps = flops_per_sequence(model)
-                opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
+                fps = model.flops_per_token() * model.config.block_size
+                opt = torch.optim.AdamW(model.param_groups(0.05), lr=1e-4, betas=(0.9, 0.95))
                 ds_config = {"train_micro_batch_size_per_gpu": b, "gradient_accumulation_steps": 1,
                              "gradient_clipping": 1.0, "bf16": {"enabled": bf16},
                              "zero_optimization": {"stage": args.zero, "overlap_comm": True,

@@ -487,6 +487,29 @@ class GPT(nn.Module, MGVQHubMixin, tags=["class-conditional", "autoregressive"])
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups (LlamaGen, nanoGPT): decay on >= 2-D parameters (matrices, embeddings), none on norms/biases."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs (forward + backward) per image token: 6 x matmul parameters it passes through + attention
+        (PaLM's estimate; for MFU). The AR head runs on G + 1 sub-tokens per position."""
+        c, L = self.config, self.config.block_size
+        numel = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        dense = numel(self.layers) + numel(self.norm)
+        if c.input_mode == "projector":
+            dense += numel(self.img_projector)
+        flops = 6 * dense + 12 * c.n_layer * c.dim * L  # attention: QK^T and AV over L keys
+        if c.head == "parallel":
+            flops += 6 * numel(self.output)
+        else:
+            h, T = self.ar_head, c.groups + 1
+            head_dense = numel(h.causal_space_blocks) + numel(h.ln_f) + numel(h.head)
+            flops += 6 * head_dense * T + 12 * c.ar_head_layers * c.dim * T * T
+        return float(flops)
+
     # save_pretrained(dir, metrics=None) / push_to_hub(repo_id): runtime.hub.MGVQHubMixin (+ a model card README.md)
     def _save_pretrained(self, out_dir):
         from safetensors.torch import save_file

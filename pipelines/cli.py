@@ -24,7 +24,8 @@ import sys
 VERBS: dict[str, tuple[str, str]] = {
     "train-tokenizer": ("tokenizer.train", "train the MGVQ tokenizer (accelerate; CPU, GPU, DDP)"),
     "cache-codes": ("tokenizer.cache_codes", "tokenize an image dataset into `datasets` shards"),
-    "train-generator": ("generator.train", "train the class-conditional GPT (accelerate / DeepSpeed ZeRO)"),
+    "train-generator": ("pipelines.train_generator", "train the class-conditional GPT (accelerate / DeepSpeed ZeRO); "
+                                                     "tokenizer=DIR: decoded samples + a pipeline folder"),
     "sample": ("pipelines.sample", "sample images from a saved pipeline"),
     "evaluate-tokenizer": ("evaluation.reconstruct", "rFID / PSNR / SSIM / LPIPS of a tokenizer"),
     "evaluate-generation": ("evaluation.sample", "sample N images and compute gFID / IS / precision / recall"),

@@ -70,7 +70,7 @@ def _log(msg: str) -> None:
 # ---- data ------------------------------------------------------------------------------------------------------------
 def find_data(data_dir: str | None) -> Path:
     """The Fashion-MNIST folder: --data-dir, else the Debian package's folder, else the cache (downloaded if online)."""
-    from tokenizer.data import find_fashion_mnist
+    from pipelines.fashion_mnist import find_fashion_mnist
 
     try:
         return find_fashion_mnist(data_dir, download=True)
@@ -88,7 +88,7 @@ def resize_32(images: np.ndarray, size: int = 32) -> np.ndarray:
 
 
 def load_split(path: Path, split: str, limit: int | None, size: int = 32):
-    from tokenizer.data import load_fashion_mnist
+    from pipelines.fashion_mnist import load_fashion_mnist
 
     x, y, names = load_fashion_mnist(split, path, download=False)
     if limit is not None:
@@ -137,13 +137,13 @@ def train_tokenizer(out: Path, data_path: Path, p: dict, seed: int) -> Path:
     if stage_done(folder, settings, ["final/model.safetensors"]):
         _log(f"tokenizer: reusing {folder / 'final'}")
         return folder / "final"
-    cfg = TrainConfig(model="mgvq-tiny", model_overrides=dict(p["tok_overrides"]), data="fashion-mnist",
-                      data_path=str(data_path), data_split="train", image_size=32, batch_size=p["tok_batch"],
+    cfg = TrainConfig(model="mgvq-tiny", model_overrides=dict(p["tok_overrides"]), data=str(data_path),
+                      data_split="train", image_size=32, batch_size=p["tok_batch"],
                       steps=p["tok_steps"], lr=p["tok_lr"], weight_decay=0.0,
                       loss={"perceptual_weight": 0.0, "disc_weight": 0.0},  # LPIPS / GAN cost more than they give at 32px
                       precision="fp32", out_dir=str(folder), log_every=10,
                       sample_every=max(p["tok_steps"] // 3, 1), save_every=p["tok_steps"], keep_checkpoints=1,
-                      resume="none", seed=seed)
+                      resume="none", log_with="none", seed=seed)
     train(cfg)
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # only final/ is needed downstream
     mark_done(folder, settings)
@@ -151,19 +151,17 @@ def train_tokenizer(out: Path, data_path: Path, p: dict, seed: int) -> Path:
 
 
 def cache_codes(out: Path, tok_dir: Path, data_path: Path, p: dict) -> Path:
+    from pipelines.fashion_mnist import CLASSES
+    from runtime.fingerprint import tokenizer_sha256
     from tokenizer import cache_codes as cc
 
     folder = out / "codes"
-    settings = {"tokenizer": cc.sha256_file(str(tok_dir / "model.safetensors")), "limit": p["cache_limit"],
-                "data": str(data_path)}
+    settings = {"tokenizer": tokenizer_sha256(tok_dir), "limit": p["cache_limit"], "data": str(data_path)}
     if stage_done(folder, settings, ["meta.json"]):
         _log(f"codes: reusing {folder}")
         return folder
-    argv = ["--tokenizer", str(tok_dir), "--data", "fashion-mnist", "--split", "train", "--out", str(folder),
-            "--batch-size", "256", "--num-workers", "0", "--shard-size", "8192"]
-    if p["cache_limit"] is not None:
-        argv += ["--limit", str(p["cache_limit"])]
-    cc.main(argv + ["--data-path", str(data_path)])
+    cc.run(tokenizer=str(tok_dir), data=str(data_path), split="train", out=str(folder), batch_size=256,
+           num_workers=0, shard_size=8192, limit=p["cache_limit"], class_names=CLASSES)
     mark_done(folder, settings)
     return folder
 
@@ -181,12 +179,12 @@ def train_generator(out: Path, codes_dir: Path, tok, p: dict, seed: int) -> Path
         return folder / "final"
     model_args = {**p["gen_args"], "head": "parallel", "token_dropout_p": 0.0, "resid_dropout_p": 0.0,
                   "ffn_dropout_p": 0.0, "class_dropout_prob": 0.1}
-    cfg = TrainConfig(model="GPT-tiny", model_args=model_args, data=str(codes_dir), view="random", num_workers=0,
-                      global_batch_size=p["gen_batch"], batch_size=p["gen_batch"], lr=p["gen_lr"],
+    cfg = TrainConfig(model="GPT-tiny", model_overrides=model_args, data=str(codes_dir), view="random",
+                      num_workers=0, global_batch_size=p["gen_batch"], batch_size=p["gen_batch"], lr=p["gen_lr"],
                       lr_schedule="cosine", warmup_steps=p["gen_warmup"], min_lr=p["gen_lr"] * 0.05,
-                      weight_decay=0.05, max_steps=p["gen_steps"], precision="fp32", out=str(folder),
-                      resume="none", ckpt_every=p["gen_steps"], keep_last=1, log_every=10, sample_every=0,
-                      sample_classes=list(range(10)), sample_cfg_scale=p["guidance_scale"], seed=seed)
+                      weight_decay=0.05, steps=p["gen_steps"], precision="fp32", out_dir=str(folder),
+                      resume="none", save_every=p["gen_steps"], keep_checkpoints=1, log_every=10, log_with="none",
+                      sample_every=0, sample_classes=list(range(10)), sample_cfg_scale=p["guidance_scale"], seed=seed)
 
     @torch.no_grad()
     def decode_fn(codes):
@@ -235,22 +233,11 @@ def evaluate_tokenizer(tok, x_uint8: np.ndarray, batch: int = 250) -> tuple[dict
     return m, recons
 
 
-def save_grid(images01: torch.Tensor, path: Path, ncol: int, pad: int = 2, scale: int = 1) -> tuple[int, int]:
-    """(N, 3, H, W) in [0, 1] -> PNG with `ncol` columns, `pad` px white padding; returns (width, height)."""
-    from PIL import Image
+def save_grid(images01: torch.Tensor, path: Path, ncol: int, row_labels: list[str], scale: int = 2) -> tuple[int, int]:
+    """(N, 3, H, W) in [0, 1] -> PNG with `ncol` columns and a label per row (runtime.grid); returns (width, height)."""
+    from runtime.grid import save_grid as save, to_uint8
 
-    n, _, h, w = images01.shape
-    nrow = math.ceil(n / ncol)
-    canvas = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, np.uint8)
-    arr = (images01.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-    for i, a in enumerate(arr):
-        r, c = divmod(i, ncol)
-        canvas[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = a
-    img = Image.fromarray(canvas)
-    if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), resample=Image.NEAREST)
-    img.save(path)
-    return img.size
+    return save(to_uint8(images01), path, ncol=ncol, scale=scale, row_labels=row_labels)
 
 
 def plot_losses(path: Path, clf_losses: list[float], tok_log: list[dict], gen_log: list[dict]) -> None:
@@ -299,7 +286,7 @@ def write_readme(out: Path, metrics: dict) -> None:
         "## Files",
         "- `samples_grid.png`: class-conditional samples, one row per class (top to bottom): "
         + ", ".join(f"{i} {n}" for i, n in enumerate(names)) + f"; CFG scale {g['guidance_scale']}",
-        "- `reconstructions.png`: row 1 test originals, rows 2.. decodes from the first 1, 2, ..., G groups",
+        "- `reconstructions.png`: row 1 test originals, rows 2.. decodes from the first 1, 2, ..., G groups (labelled)",
         "- `loss_curves.png`, `metrics.json`, `pipeline/` (`MGVQPipeline.from_pretrained`)", "",
         "## Numbers",
         f"- tokenizer (test, {t['num_images']} images): PSNR {t['psnr']:.2f} dB, SSIM {t['ssim']:.3f}, "
@@ -340,103 +327,36 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.device != "cpu":
-        # the training stages pick their device through accelerate; only sampling / evaluation use --device directly
-        torch.device(args.device)  # raises on a malformed device string
-    if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit(f"--threads={args.threads}: must be >= 1")
-        torch.set_num_threads(args.threads)
-    profile = "quick" if args.quick else "default"
-    p = PROFILES[profile]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t_start = time.time()
-    timings: dict[str, float] = {}
+class _Timer:
+    def __init__(self):
+        self.start, self.timings = time.time(), {}
 
-    def tick(name: str, t0: float) -> None:
-        timings[name] = round(time.time() - t0, 1)
-        _log(f"{name}: {timings[name]:.1f} s")
+    def tick(self, name: str, t0: float) -> None:
+        self.timings[name] = round(time.time() - t0, 1)
+        _log(f"{name}: {self.timings[name]:.1f} s")
 
-    # data
-    t0 = time.time()
-    data_path = find_data(args.data_dir)
-    _log(f"Fashion-MNIST from {data_path}")
-    x_train, y_train, names = load_split(data_path, "train", p["num_train"])
-    x_test, y_test, _ = load_split(data_path, "test", p["num_test"])
-    tick("data", t0)
 
-    # 1. classifier
-    from pipelines.classifier import classifier_fd, load_or_train, predict
-
-    t0 = time.time()
-    clf, clf_info = load_or_train(str(out / "classifier"), x_train, y_train, x_test, y_test, steps=p["clf_steps"],
-                                  batch_size=p["clf_batch"], seed=args.seed)
-    _log(f"classifier test accuracy {clf_info['test_accuracy']:.4f}{' (cached)' if clf_info['cached'] else ''}")
-    tick("classifier", t0)
-
-    # 2. tokenizer
-    t0 = time.time()
-    tok_dir = train_tokenizer(out, data_path, p, args.seed)
-    from tokenizer import MGVQTokenizer
-
-    tok = MGVQTokenizer.from_pretrained(str(tok_dir)).eval()
-    tick("tokenizer", t0)
-
-    # 3. codes
-    t0 = time.time()
-    codes_dir = cache_codes(out, tok_dir, data_path, p)
-    tick("cache_codes", t0)
-
-    # 4. generator
-    t0 = time.time()
-    gen_dir = train_generator(out, codes_dir, tok, p, args.seed)
-    tick("generator", t0)
-
-    # 5. pipeline
-    from generator import GPT
-    from pipelines import MGVQPipeline
-
-    pipe = MGVQPipeline(tok, GPT.from_pretrained(str(gen_dir)), id2label=names,
-                        sampling_defaults={"guidance_scale": p["guidance_scale"]})
-    pipe.save_pretrained(str(out / "pipeline"))
-    pipe = MGVQPipeline.from_pretrained(str(out / "pipeline")).to(args.device)
-
-    # 6. evaluation
-    t0 = time.time()
-    n_tok = min(p["tok_eval"], len(x_test))
-    tok_metrics, recons = evaluate_tokenizer(pipe.tokenizer.cpu(), x_test[:n_tok])
-    pipe.to(args.device)
-    _log(f"tokenizer test PSNR {tok_metrics['psnr']:.2f} dB, SSIM {tok_metrics['ssim']:.3f}, by groups "
-         f"{ {k: round(v, 2) for k, v in tok_metrics['psnr_by_groups_to_use'].items()} }, usage "
-         f"{[round(u, 3) for u in tok_metrics['codebook_usage']]}")
-    ncol = 10 if not args.quick else 8
-    real01 = torch.from_numpy(x_test[:ncol]).float()[:, None].div(255).expand(-1, 3, -1, -1)
-    rows = [real01] + [recons[k][:ncol] for k in sorted(recons)]
-    recon_size = save_grid(torch.cat(rows), out / "reconstructions.png", ncol=ncol, scale=2)
-    tick("eval_tokenizer", t0)
+def sample_and_score(pipe, clf, names: list[str], x_train, x_test, recon01, p: dict, seed: int, device: str,
+                     out: Path, timer: _Timer) -> tuple[dict, tuple[int, int]]:
+    """Samples for every class with and without CFG, scored by the classifier; samples_grid.png (a row per class)."""
+    from pipelines.classifier import classifier_fd, predict
 
     t0 = time.time()
     per_class = p["eval_per_class"]
     labels = [c for c in range(len(names)) for _ in range(per_class)]
     gen = {}
     for tag, s in (("cfg", p["guidance_scale"]), ("no_cfg", 1.0)):
-        g = torch.Generator(args.device).manual_seed(args.seed)
+        g = torch.Generator(device).manual_seed(seed)
         _log(f"sampling {len(labels)} images, guidance {s}")
-        res = pipe(labels, guidance_scale=s, generator=g, output_type="pt", batch_size=500)
-        gen[tag] = res.images
-    tick("sampling", t0)
-
+        gen[tag] = pipe(labels, guidance_scale=s, generator=g, output_type="pt", batch_size=500).images
+    timer.tick("sampling", t0)
     t0 = time.time()
     y = torch.tensor(labels)
-    ncols = p["grid_cols"]
-    grid = torch.cat([gen["cfg"][y == c][:ncols] for c in range(len(names))])
-    grid_size = save_grid(grid, out / "samples_grid.png", ncol=ncols, scale=2)
+    grid = torch.cat([gen["cfg"][y == c][:p["grid_cols"]] for c in range(len(names))])
+    grid_size = save_grid(grid, out / "samples_grid.png", ncol=p["grid_cols"], row_labels=names)
     _, real_feats = predict(clf, x_test)
     _, train_feats = predict(clf, x_train[:len(labels)])
-    _, recon_feats = predict(clf, recons[max(recons)])
+    _, recon_feats = predict(clf, recon01)
     generation = {"guidance_scale": p["guidance_scale"], "num_samples": len(labels), "per_class": per_class,
                   "sampling": {"temperature": 1.0, "top_k": None, "top_p": None}}
     for tag, imgs in gen.items():
@@ -447,44 +367,126 @@ def main(argv: list[str] | None = None) -> int:
         generation[f"classifier_fd_{tag}"] = classifier_fd(real_feats, feats)
     generation["classifier_fd_real_vs_real"] = classifier_fd(real_feats, train_feats)
     generation["classifier_fd_recon_vs_real"] = classifier_fd(real_feats, recon_feats)
-    tick("eval_generation", t0)
+    timer.tick("eval_generation", t0)
     _log(f"conditional accuracy {generation['cond_accuracy_cfg']:.3f} (CFG {p['guidance_scale']}) / "
          f"{generation['cond_accuracy_no_cfg']:.3f} (no CFG); classifier FD {generation['classifier_fd_cfg']:.2f} / "
          f"{generation['classifier_fd_no_cfg']:.2f} (real vs real {generation['classifier_fd_real_vs_real']:.2f})")
+    return generation, grid_size
 
+
+def reconstruct_and_score(tok, x_test, p: dict, ncol: int, out: Path, timer: _Timer) -> tuple[dict, dict, tuple]:
+    """Tokenizer metrics on the test split; reconstructions.png (originals, then the first 1..G groups)."""
+    from runtime.grid import reconstruction_labels
+
+    t0 = time.time()
+    tok_metrics, recons = evaluate_tokenizer(tok, x_test[:min(p["tok_eval"], len(x_test))])
+    _log(f"tokenizer test PSNR {tok_metrics['psnr']:.2f} dB, SSIM {tok_metrics['ssim']:.3f}, by groups "
+         f"{ {k: round(v, 2) for k, v in tok_metrics['psnr_by_groups_to_use'].items()} }, usage "
+         f"{[round(u, 3) for u in tok_metrics['codebook_usage']]}")
+    real01 = torch.from_numpy(x_test[:ncol]).float()[:, None].div(255).expand(-1, 3, -1, -1)
+    rows = [real01] + [recons[k][:ncol] for k in sorted(recons)]
+    size = save_grid(torch.cat(rows), out / "reconstructions.png", ncol=ncol,
+                     row_labels=reconstruction_labels(len(recons)))
+    timer.tick("eval_tokenizer", t0)
+    return tok_metrics, recons, size
+
+
+def collect_metrics(args, profile: str, p: dict, out: Path, data_path: Path, sizes: dict, pieces: dict) -> dict:
+    """metrics.json content (also the README's numbers)."""
+    tok, pipe, clf_info, timer = pieces["tok"], pieces["pipe"], pieces["clf_info"], pieces["timer"]
     tok_log = read_jsonl(out / "tokenizer" / "metrics.jsonl")
     gen_log = read_jsonl(out / "generator" / "metrics.jsonl")
     plot_losses(out / "loss_curves.png", clf_info.get("losses", []), tok_log, gen_log)
-
-    timings["total"] = round(time.time() - t_start, 1)
-    with open(gen_dir / "train_summary.json") as f:
+    timer.timings["total"] = round(time.time() - timer.start, 1)
+    with open(pieces["gen_dir"] / "train_summary.json") as f:
         gen_summary = json.load(f)
-    metrics = {
+    gcfg = pipe.generator.config
+    return {
         "profile": profile, "seed": args.seed, "device": args.device, "torch_threads": torch.get_num_threads(),
-        "data": {"path": str(data_path), "num_train": int(len(y_train)), "num_test": int(len(y_test)),
-                 "image_size": 32, "num_cached_codes": _num_codes(codes_dir)},
-        "class_names": names,
+        "data": {"path": str(data_path), "num_train": pieces["num_train"], "num_test": pieces["num_test"],
+                 "image_size": 32, "num_cached_codes": _num_codes(pieces["codes_dir"])},
+        "class_names": pieces["names"],
         "classifier": {"test_accuracy": clf_info["test_accuracy"], "steps": p["clf_steps"],
                        "final_train_loss": clf_info.get("final_loss"), "cached": clf_info["cached"]},
-        "tokenizer": {**tok_metrics, "groups": tok.config.groups, "codebook_size": tok.config.codebook_size,
+        "tokenizer": {**pieces["tok_metrics"], "groups": tok.config.groups, "codebook_size": tok.config.codebook_size,
                       "latent_dim": tok.config.latent_dim, "downsample": tok.config.downsample,
                       "num_parameters": tok.num_parameters(), "steps": p["tok_steps"],
-                      "final_train": {k: tok_log[-1][k] for k in ("total", "psnr", "usage") if tok_log and k in tok_log[-1]}},
-        "generator": {"num_parameters": pipe.generator.num_parameters(), "config": {
-            k: getattr(pipe.generator.config, k) for k in ("dim", "n_layer", "n_head", "groups", "codebook_size",
-                                                            "grid", "head", "input_mode")},
+                      "final_train": {k: tok_log[-1][k] for k in ("total", "psnr", "usage")
+                                      if tok_log and k in tok_log[-1]}},
+        "generator": {"num_parameters": pipe.generator.num_parameters(),
+                      "config": {k: getattr(gcfg, k) for k in ("dim", "n_layer", "n_head", "groups", "codebook_size",
+                                                               "grid", "head", "input_mode")},
                       "steps": p["gen_steps"], "final_loss": gen_log[-1]["loss"] if gen_log else None,
                       "final_eval_loss": gen_summary.get("final_eval_loss")},
-        "generation": generation,
-        "outputs": {"samples_grid": "samples_grid.png", "samples_grid_size": list(grid_size),
-                    "reconstructions": "reconstructions.png", "reconstructions_size": list(recon_size),
+        "generation": pieces["generation"],
+        "outputs": {"samples_grid": "samples_grid.png", "samples_grid_size": list(sizes["samples"]),
+                    "reconstructions": "reconstructions.png", "reconstructions_size": list(sizes["recon"]),
                     "loss_curves": "loss_curves.png", "pipeline": "pipeline"},
-        "timings_s": timings,
+        "timings_s": timer.timings,
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.device != "cpu":
+        # the training stages pick their device through accelerate; only sampling / evaluation use --device directly
+        torch.device(args.device)  # raises on a malformed device string
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"--threads={args.threads}: must be >= 1")
+        torch.set_num_threads(args.threads)
+    profile = "quick" if args.quick else "default"
+    p, out, timer = PROFILES[profile], Path(args.out), _Timer()
+    out.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.time()
+    data_path = find_data(args.data_dir)
+    _log(f"Fashion-MNIST from {data_path}")
+    x_train, y_train, names = load_split(data_path, "train", p["num_train"])
+    x_test, y_test, _ = load_split(data_path, "test", p["num_test"])
+    timer.tick("data", t0)
+
+    from pipelines.classifier import load_or_train  # 1. classifier
+
+    t0 = time.time()
+    clf, clf_info = load_or_train(str(out / "classifier"), x_train, y_train, x_test, y_test, steps=p["clf_steps"],
+                                  batch_size=p["clf_batch"], seed=args.seed)
+    _log(f"classifier test accuracy {clf_info['test_accuracy']:.4f}{' (cached)' if clf_info['cached'] else ''}")
+    timer.tick("classifier", t0)
+    t0 = time.time()
+    tok_dir = train_tokenizer(out, data_path, p, args.seed)  # 2. tokenizer
+    from tokenizer import MGVQTokenizer
+
+    tok = MGVQTokenizer.from_pretrained(str(tok_dir)).eval()
+    timer.tick("tokenizer", t0)
+    t0 = time.time()
+    codes_dir = cache_codes(out, tok_dir, data_path, p)  # 3. codes
+    timer.tick("cache_codes", t0)
+    t0 = time.time()
+    gen_dir = train_generator(out, codes_dir, tok, p, args.seed)  # 4. generator
+    timer.tick("generator", t0)
+
+    from generator import GPT  # 5. pipeline
+    from pipelines import MGVQPipeline
+
+    pipe = MGVQPipeline(tok, GPT.from_pretrained(str(gen_dir)), id2label=names,
+                        sampling_defaults={"guidance_scale": p["guidance_scale"]})
+    pipe.save_pretrained(str(out / "pipeline"))
+    pipe = MGVQPipeline.from_pretrained(str(out / "pipeline")).to(args.device)
+
+    # 6. evaluation
+    tok_metrics, recons, recon_size = reconstruct_and_score(pipe.tokenizer.cpu(), x_test, p,
+                                                            10 if not args.quick else 8, out, timer)
+    pipe.to(args.device)
+    generation, grid_size = sample_and_score(pipe, clf, names, x_train, x_test, recons[max(recons)], p, args.seed,
+                                             args.device, out, timer)
+    metrics = collect_metrics(args, profile, p, out, data_path, {"samples": grid_size, "recon": recon_size}, dict(
+        tok=tok, pipe=pipe, clf_info=clf_info, timer=timer, gen_dir=gen_dir, codes_dir=codes_dir, names=names,
+        num_train=int(len(y_train)), num_test=int(len(y_test)), tok_metrics=tok_metrics, generation=generation))
     with open(out / "metrics.json", "w") as f:
         json.dump(metrics, f, indent=2)
     write_readme(out, metrics)
-    _log(f"done in {timings['total']:.0f} s: {out / 'metrics.json'}, {out / 'samples_grid.png'}, "
+    _log(f"done in {metrics['timings_s']['total']:.0f} s: {out / 'metrics.json'}, {out / 'samples_grid.png'}, "
          f"{out / 'reconstructions.png'}, {out / 'loss_curves.png'}, pipeline in {out / 'pipeline'}")
     return 0
 

@@ -100,18 +100,21 @@ def read_yaml(path: str | os.PathLike | None) -> dict:
 
 def load_config(cls, path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None,
                 what: str | None = None):
-    """`cls` (a dataclass) from its defaults <- YAML `path` <- `overrides` (list of key=value, or a dict)."""
+    """`cls` (a dataclass) from its defaults <- YAML `path` <- `overrides` (list of key=value, or a dict).
+
+    Renamed keys are mapped in each layer first, so the precedence rule holds whichever name a layer uses."""
     what = what or f"{cls.__module__}.{cls.__name__}"
-    d = read_yaml(path)
-    items = list(overrides.items()) if isinstance(overrides, dict) else parse_overrides(overrides)
-    for k, v in items:
+    d = rename_keys(cls, read_yaml(path), what)
+    layer: dict = {}
+    for k, v in (list(overrides.items()) if isinstance(overrides, dict) else parse_overrides(overrides)):
+        set_dotted(layer, k, v)
+    for k, v in rename_keys(cls, layer, what).items():
         set_dotted(d, k, v)
     return build_config(cls, d, what)
 
 
-def build_config(cls, d: dict, what: str | None = None):
-    """`cls(**d)` after renames, unknown-key checks and type coercion (the second half of `load_config`)."""
-    what = what or f"{cls.__module__}.{cls.__name__}"
+def rename_keys(cls, d: dict, what: str) -> dict:
+    """One layer's old names -> new names (`cls.migrate(d)`, then `cls.RENAMED`), with a deprecation message."""
     d = dict(d)
     migrate = getattr(cls, "migrate", None)
     if migrate is not None:
@@ -122,6 +125,12 @@ def build_config(cls, d: dict, what: str | None = None):
             if new in d:
                 raise ValueError(f"{what}: both `{old}` (deprecated) and `{new}` given; keep `{new}`")
             d[new] = d.pop(old)
+    return d
+
+
+def build_config(cls, d: dict, what: str | None = None):
+    """`cls(**d)` after unknown-key checks and type coercion (keys already renamed)."""
+    what = what or f"{cls.__module__}.{cls.__name__}"
     types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - set(types))
     if unknown:

@@ -123,8 +123,8 @@ def _cli(out, setup, *extra):
 def test_resume_after_sigkill_gives_the_same_rows(setup):
     _, ref_rows = read_rows(setup["ref"])
     out = setup["base"] / "killed"
-    env = {**os.environ, "MGVQ_CACHE_KILL_AFTER_SHARDS": "2"}
-    p = subprocess.run(_cli(out, setup, "--shard-size", "4"), env=env, cwd=REPO, capture_output=True, text=True)
+    cmd = [sys.executable, "tests/_kill_after_shards.py", "2", *_cli(out, setup, "--shard-size", "4")[3:]]
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert p.returncode == -9, p.stderr[-2000:]  # SIGKILLed after its 2nd shard
     done = sorted(os.listdir(out / "data"))
     assert done == ["codes-00000-of-00004.parquet", "codes-00001-of-00004.parquet"]
@@ -222,22 +222,62 @@ def test_help_shows_an_example(capsys):
         main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert "examples:" in out and "--tokenizer runs/tok/final --data fashion-mnist" in out
+    assert "examples:" in out and "--tokenizer runs/tok/final --data /usr/share/datasets/fashion-mnist" in out
 
 
-def test_fashion_mnist_data_path_is_honoured(tmp_path):
-    """--data-path points `--data fashion-mnist` at a user folder (the demo's --data-dir) instead of the defaults."""
+def test_idx_folder_source_and_the_deprecated_fashion_mnist_name(tmp_path):
+    """--data <folder of IDX files> (the demo passes its Fashion-MNIST folder); the old `--data fashion-mnist
+    --data-path DIR` spelling still resolves to that folder, with a deprecation message."""
     import shutil as _sh
     from pathlib import Path
 
     from tokenizer import cache_codes as cc
+    from tokenizer.data import legacy_source
 
     src = Path("/usr/share/datasets/fashion-mnist")
     if not src.is_dir():
         pytest.skip("Debian dataset-fashion-mnist not installed")
-    with pytest.raises(FileNotFoundError, match="not found in .*nowhere"):
-        cc.open_source("fashion-mnist", "test", None, str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        cc.open_source(str(tmp_path / "nowhere"), "test")
     mine = tmp_path / "fm"
     _sh.copytree(src, mine)
-    ds, desc = cc.open_source("fashion-mnist", "test", None, str(mine))
-    assert len(ds) == 10000 and desc["data"] == "fashion-mnist:test"
+    ds, desc = cc.open_source(str(mine), "test")
+    assert len(ds) == 10000 and desc["data"] == str(mine) and desc["kind"] == "ArrayImageDataset"
+    with pytest.warns(FutureWarning, match="deprecated"):
+        assert legacy_source("fashion-mnist:test", str(mine)) == (str(mine), "test")
+
+
+def test_a_shard_of_only_unreadable_images_does_not_stop_stage_two(setup, tmp_path):
+    """Found with bad data: every image of one shard unreadable -> that shard has no rows; it is listed under
+    meta.json `empty_shards` (not `shards`), so the generator's dataset still reads the folder."""
+    import shutil
+
+    from generator.data import CodeShardDataset
+
+    root = tmp_path / "images"
+    shutil.copytree(setup["root"], root)
+    for p in sorted((root / "fish").iterdir()):  # the 5 files of class fish (indices 9..13): all broken
+        p.write_bytes(b"not an image")
+    out = tmp_path / "codes"
+    assert main(["--tokenizer", str(setup["base"] / "tok"), "--data", str(root), "--out", str(out), "--shard-size",
+                 "4", "--num-workers", "0", "--batch-size", "4"]) == 0
+    meta = json.load(open(out / "meta.json"))
+    assert meta["empty_shards"] == ["data/codes-00003-of-00004.parquet"]  # images 12, 13: both fish
+    assert len(meta["shards"]) == 3 and meta["counts"]["written"] == 8  # 14 - dog/broken.jpg - 5 fish
+    ds = CodeShardDataset(str(out))
+    assert len(ds) == 8 and ds[7][0].shape == (8, 8, 4)
+    # a rerun (resume) sees the empty shard as done and rewrites nothing
+    assert main(["--tokenizer", str(setup["base"] / "tok"), "--data", str(root), "--out", str(out), "--shard-size",
+                 "4", "--num-workers", "0"]) == 0
+    assert json.load(open(out / "meta.json"))["empty_shards"] == meta["empty_shards"]
+
+
+def test_run_takes_typed_keyword_arguments(setup, tmp_path):
+    from tokenizer.cache_codes import run
+
+    stats = run(tokenizer=str(setup["base"] / "tok"), data=str(setup["root"]), out=str(tmp_path / "c"),
+                shard_size=8, num_workers=0, limit=5, class_names=["a", "b", "c"])
+    meta = json.load(open(tmp_path / "c" / "meta.json"))
+    assert stats["complete"] and meta["class_names"] == ["a", "b", "c"] and meta["counts"]["images"] == 5
+    with pytest.raises(ValueError, match=r"--batch-size=0: must be >= 1"):
+        run(tokenizer=str(setup["base"] / "tok"), data=str(setup["root"]), out=str(tmp_path / "d"), batch_size=0)

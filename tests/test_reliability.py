@@ -35,6 +35,7 @@ from generator import GPT, generate
 from generator import train as gtrain
 from pipelines import MGVQPipeline
 from pipelines import convert as pconvert
+from runtime.checkpoint import CheckpointFolder
 from tokenizer import MGVQTokenizer, TokenizerConfig
 from tokenizer import cache_codes as cc
 from tokenizer.data import ImageDecodeError, ImageTransform, load_rgb
@@ -46,7 +47,7 @@ TOK_FAST = ["data=skimage", "num_crops=256", "model=mgvq-tiny", "model_overrides
             "precision=fp32", "num_samples=0", "log_every=1", "loss.perceptual_weight=0", "loss.disc_start=2",
             "keep_checkpoints=10", "sample_every=1000"]
 GEN_FAST = ["--config", "configs/generator/tiny.yaml", "global_batch_size=16", "batch_size=8", "log_every=1",
-            "sample_every=0", "num_workers=0", "tensorboard=false", "keep_last=10", "synthetic_size=64"]
+            "sample_every=0", "num_workers=0", "log_with=none", "keep_checkpoints=10", "synthetic_size=64"]
 
 
 @pytest.fixture(autouse=True)
@@ -179,14 +180,14 @@ def test_train_tokenizer_crash_while_saving_a_checkpoint_loses_nothing(tmp_path,
 
 
 def test_train_generator_crash_while_saving_a_checkpoint_loses_nothing(tmp_path, monkeypatch):
-    common = GEN_FAST + ["max_steps=6", "ckpt_every=2"]
-    gtrain.main(common + [f"out={tmp_path / 'a'}"])
+    common = GEN_FAST + ["steps=6", "save_every=2"]
+    gtrain.main(common + [f"out_dir={tmp_path / 'a'}"])
     with monkeypatch.context() as m:
         _crash_during_save(m, save_number=3)
         with pytest.raises(KeyboardInterrupt):
-            gtrain.main(common + [f"out={tmp_path / 'b'}"])
-    assert gtrain.list_checkpoints(str(tmp_path / "b"))[-1].endswith("step_00000004")  # the torn one is invisible
-    gtrain.main(common + [f"out={tmp_path / 'b'}"])
+            gtrain.main(common + [f"out_dir={tmp_path / 'b'}"])
+    assert CheckpointFolder(tmp_path / "b").latest().name == "step_00000004"  # the torn one is invisible
+    gtrain.main(common + [f"out_dir={tmp_path / 'b'}"])
     wa = load_file(str(tmp_path / "a" / "final" / "model.safetensors"))
     wb = load_file(str(tmp_path / "b" / "final" / "model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -260,14 +261,17 @@ def test_train_tokenizer_nonfinite_skipped_weights_untouched_then_stop_keeps_che
     assert all(torch.equal(kept[k], w[2][k]) for k in kept)
 
 
-def test_train_generator_nonfinite_in_a_row_stops_with_last_checkpoint_intact(tmp_path):
-    common = GEN_FAST + ["max_steps=8", "ckpt_every=2", "max_nonfinite_in_row=2", "precision=fp32"]
+def test_train_generator_nonfinite_in_a_row_stops_with_last_checkpoint_intact(tmp_path, monkeypatch):
+    from _inject_nan import patch
+
+    common = GEN_FAST + ["save_every=2", "max_nonfinite=2", "precision=fp32"]
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    gtrain.main(common + ["max_steps=2", f"out={a}"])  # the same run, stopped cleanly at step 2
-    with pytest.raises(RuntimeError, match=r"2 consecutive steps with a non-finite loss.*steps 3\.\.4.*"
+    gtrain.main(common + ["steps=2", f"out_dir={a}"])  # the same run, stopped cleanly at step 2
+    patch({3, 4, 5}, monkeypatch.setattr)  # rank 0's loss is NaN at steps 3, 4, 5
+    with pytest.raises(RuntimeError, match=r"2 non-finite steps in a row \(max_nonfinite=2\) at steps 3\.\.4.*"
                                            r"last checkpoint: .*step_00000002"):
-        gtrain.main(common + ["inject_nan_at=[3,4,5]", f"out={b}"])
-    assert [os.path.basename(c) for c in gtrain.list_checkpoints(b)] == ["step_00000002"]
+        gtrain.main(common + ["steps=8", f"out_dir={b}"])
+    assert [c.name for c in CheckpointFolder(b).list()] == ["step_00000002"]
     assert not os.path.exists(os.path.join(b, "final"))
     wa = load_file(os.path.join(a, "checkpoints", "step_00000002", "model.safetensors"))
     wb = load_file(os.path.join(b, "checkpoints", "step_00000002", "model.safetensors"))
@@ -402,13 +406,13 @@ def test_property_random_bytes_never_crash_the_loaders(data):
 # ------------------------------------------------------------------------- 4. bad configuration and arguments
 
 def _gen_train(*overrides):
-    return lambda a, tmp: gtrain.main(GEN_FAST + [f"out={tmp / 'g'}", "max_steps=1",
+    return lambda a, tmp: gtrain.main(GEN_FAST + [f"out_dir={tmp / 'g'}", "steps=1",
                                                   *(o.replace("{shards}", str(a / "shards")) for o in overrides)])
 
 
 def _init_from_other_grid(a, tmp):
     GPT.from_preset("GPT-tiny", groups=2, codebook_size=64, grid=4, num_classes=10).save_pretrained(str(tmp / "g4"))
-    gtrain.main(GEN_FAST + [f"out={tmp / 'g'}", "max_steps=1", f"init_from={tmp / 'g4'}"])
+    gtrain.main(GEN_FAST + [f"out_dir={tmp / 'g'}", "steps=1", f"init_from={tmp / 'g4'}"])
 
 
 def _sample(*extra):
@@ -453,20 +457,20 @@ CONFIG_ERRORS = [
     ("unknown GPT preset", lambda a, t: GPT.from_preset("GPT-Q"), ValueError, r"unknown GPT preset 'GPT-Q'; valid: .*GPT-B"),
     ("train-generator unknown preset", _gen_train("model=GPT-Q"), ValueError,
      r"TrainConfig.model='GPT-Q': unknown preset; valid: .*GPT-tiny"),
-    ("train-generator unknown key", _gen_train("lrr=1"), ValueError, r"unknown training config key\(s\): lrr \(did you mean lr\?\)"),
+    ("train-generator unknown key", _gen_train("lrr=1"), ValueError, r"training config: unknown key\(s\): lrr \(did you mean lr\?\)"),
     ("K too large for the index dtype", lambda a, t: cc.code_dtype(2**31 + 1), ValueError,
      r"codebook_size=2147483649 does not fit the int32 code type; valid: 2 <= codebook_size <= 2\*\*31"),
-    ("grid: shards vs generator", _gen_train("data={shards}", "model_args.grid=4"), ValueError,
-     r"model_args.grid=4 but the shards in .* have grid=8"),
-    ("G: shards vs generator", _gen_train("data={shards}", "model_args.groups=4"), ValueError,
-     r"model_args.groups=4 but the shards in .* have groups=2"),
+    ("grid: shards vs generator", _gen_train("data={shards}", "model_overrides.grid=4"), ValueError,
+     r"model_overrides.grid=4 but the shards in .* have grid=8"),
+    ("G: shards vs generator", _gen_train("data={shards}", "model_overrides.groups=4"), ValueError,
+     r"model_overrides.groups=4 but the shards in .* have groups=2"),
     ("grid: init_from vs data", _init_from_other_grid, ValueError,
      r"init_from=.* has grid=4 but the data 'synthetic' has grid=8"),
     ("G/K: tokenizer vs generator", _mismatched_pipeline, ValueError,
      r"tokenizer has G=4 groups but the generator predicts G=2"),
-    ("grid: tokenizer image size vs downsample", _cache("--image-size", "30"), SystemExit,
+    ("grid: tokenizer image size vs downsample", _cache("--image-size", "30"), ValueError,
      r"--image-size=30: must be a multiple of the tokenizer's downsample 4"),
-    ("cache-codes batch size", _cache("--batch-size", "0"), SystemExit, r"--batch-size=0: must be >= 1"),
+    ("cache-codes batch size", _cache("--batch-size", "0"), ValueError, r"--batch-size=0: must be >= 1"),
     ("label out of range: pipeline", lambda a, t: MGVQPipeline.from_pretrained(str(a / "pipe"))([12]), ValueError,
      r"class labels \[12\] out of range: valid labels are 0..9"),
     ("label out of range: generate", lambda a, t: generate(GPT.from_pretrained(str(a / "gpt")), torch.tensor([11])),
@@ -577,7 +581,7 @@ def _entry_points(a):
     return {
         "cache-codes": lambda out: cc.main(["--tokenizer", str(a / "tok"), "--data", str(a / "images"), "--out", out,
                                             "--num-workers", "0"]),
-        "train-generator": lambda out: gtrain.main(GEN_FAST + ["max_steps=1", f"out={out}"]),
+        "train-generator": lambda out: gtrain.main(GEN_FAST + ["steps=1", f"out_dir={out}"]),
         "evaluate-generation": lambda out: S.main(["--pipeline", str(a / "pipe"), "--num-images", "2", "--out", out]),
         "evaluate-tokenizer": lambda out: R.main(["--tokenizer", str(a / "tok"), "--data", str(a / "images"),
                                                   "--out", out]),

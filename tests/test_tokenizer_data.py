@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tokenizer.data import (FASHION_MNIST_CLASSES, ImageFolderDataset, ImageTransform, ResumableBatchSampler,
-                            build_dataset, center_crop_arr, collate, find_fashion_mnist, load_fashion_mnist,
+from tokenizer.data import (ImageFolderDataset, ImageTransform, ResumableBatchSampler,
+                            build_dataset, center_crop_arr, collate,
                             load_rgb, random_crop_arr, skimage_crops, to_rgb)
 
 
@@ -110,7 +110,7 @@ def test_flat_folder_and_errors(tmp_path, photos):
     assert ds.layout == "flat" and len(ds) == 3 and ds.labels == [0, 0, 0]
     assert ds[(0, 123)]["image"].shape == (3, 32, 32)
     assert torch.equal(ds[(1, 5)]["image"], ds[(1, 5)]["image"])  # same seed -> same augmentation
-    with pytest.raises(FileNotFoundError, match="not 'fashion-mnist"):
+    with pytest.raises(FileNotFoundError, match="is not 'skimage', an image folder, a folder of IDX files"):
         build_dataset(str(tmp_path / "missing"), 32)
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "sub").mkdir()
@@ -141,20 +141,25 @@ def test_hf_datasets_sources(tmp_path, photos):
         assert it["failed"] == 1 and it["label"] == 3 and it["image"].shape == (3, 32, 32)
 
 
-def test_fashion_mnist_real_files():
+def test_idx_folder_source_and_the_demo_fashion_mnist_reader():
+    from pipelines.fashion_mnist import CLASSES, find_fashion_mnist, load_fashion_mnist
+
     try:
-        find_fashion_mnist(download=False)
+        folder = find_fashion_mnist(download=False)
     except FileNotFoundError as e:
         pytest.skip(f"Fashion-MNIST not installed here: {e}")
-    images, labels, names = load_fashion_mnist("test")
+    images, labels, names = load_fashion_mnist("test", folder)
     assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
-    assert np.bincount(labels).tolist() == [1000] * 10 and names == FASHION_MNIST_CLASSES
+    assert np.bincount(labels).tolist() == [1000] * 10 and names == CLASSES
     assert labels[:5].tolist() == [9, 2, 1, 1, 6]  # the published t10k label order (ankle boot, pullover, ...)
-    ds = build_dataset("fashion-mnist:test", 32, train=False)
+    ds = build_dataset(str(folder), 32, train=False)  # tokenizer.data: any folder of IDX files, split "test"
     it = ds[0]
     x = it["image"]
-    assert x.shape == (3, 32, 32) and it["label"] == 9
+    assert x.shape == (3, 32, 32) and it["label"] == 9 and ds.class_names == [str(i) for i in range(10)]
     assert torch.equal(x[0], x[1]) and -1 <= x.min() < x.max() <= 1
+    assert build_dataset(str(folder), 32, train=False, class_names=CLASSES).class_names == CLASSES
+    with pytest.raises(ValueError, match="no longer a built-in name; pass its folder of IDX files"):
+        build_dataset("fashion-mnist:test", 32)
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist|not found in"):
         find_fashion_mnist("/nonexistent", download=False)
 

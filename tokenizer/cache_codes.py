@@ -1,6 +1,7 @@
 """Stage-one cache: tokenize an image dataset into HF `datasets` Parquet shards of sub-token indices.
 
-    python -m tokenizer.cache_codes --tokenizer runs/tok/final --data fashion-mnist --split train --out shards/fm-train
+    python -m tokenizer.cache_codes --tokenizer runs/tok/final --data /usr/share/datasets/fashion-mnist --split train \
+        --class-names "T-shirt/top,Trouser,Pullover,Dress,Coat,Sandal,Shirt,Sneaker,Bag,Ankle boot" --out shards/fm-train
     accelerate launch --num_processes 8 -m tokenizer.cache_codes --tokenizer T --data /data/imagenet/train \
         --out shards/in1k --views ten-crop
     torchrun --nproc_per_node 2 -m tokenizer.cache_codes ...     # several CPU processes (gloo)
@@ -26,10 +27,8 @@ from __future__ import annotations
 
 import argparse
 import glob
-import hashlib
 import json
 import os
-import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -40,14 +39,15 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from tokenizer.data import build_dataset, center_crop_arr
-from tokenizer.outdir import check_output_dir
+from runtime.fingerprint import sha256_file
+from runtime.io import write_json
+from runtime.outdir import RunLock, check_output_dir
+from tokenizer.data import build_dataset, center_crop_arr, legacy_source
 
 META_NAME = "meta.json"
 FORMAT_NAME = "mgvq-codes"
 FORMAT_VERSION = 1
 TEN_CROP_RANGES = (1.1, 1.05)
-_STOP_ENV = "MGVQ_CACHE_KILL_AFTER_SHARDS"  # test hook: SIGKILL this process after writing that many shards
 
 
 # ---- small helpers ---------------------------------------------------------------------------------------------------
@@ -61,21 +61,6 @@ def code_dtype(codebook_size: int) -> str:
         return "int32"
     raise ValueError(f"codebook_size={codebook_size} does not fit the int32 code type; valid: 2 <= codebook_size "
                      f"<= 2**31")
-
-
-def sha256_file(path: str, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _write_json_atomic(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 # ---- views -----------------------------------------------------------------------------------------------------------
@@ -122,24 +107,22 @@ def to_model_input(views_uint8: torch.Tensor) -> torch.Tensor:
 SPLIT_DIRS = {"train", "val", "validation", "test"}
 
 
-def open_source(data: str, split: str = "train", label_column: str | None = None, data_path: str | None = None):
+def open_source(data: str, split: str = "train", label_column: str | None = None):
     """--data -> a tokenizer.data RobustImageDataset (its `decode(i)` raises on unreadable images, `labels`,
     `class_names`); its own training transform is not used here. A folder whose sub-folders are only split names
-    (train/ val/ ...) is read at <data>/<split>. `data_path`: where the Fashion-MNIST IDX files are (default: the
-    Debian folder, then the cache, then a download)."""
-    if data == "fashion-mnist":
-        data = f"fashion-mnist:{split}"
-    elif os.path.isdir(data):
+    (train/ val/ ...) is read at <data>/<split>; a folder of IDX files (MNIST layout) at its `split` (train | test)."""
+    from tokenizer.data import is_idx_folder
+
+    if os.path.isdir(data) and not is_idx_folder(data):
         subdirs = {d.name for d in os.scandir(data) if d.is_dir() and not d.name.startswith(".")}
         if subdirs and subdirs <= SPLIT_DIRS and not glob.glob(os.path.join(data, "**", "*.parquet"), recursive=True):
             if split not in subdirs:
                 raise ValueError(f"--data {data!r} has split folders {sorted(subdirs)}; --split {split!r} is not one")
             data = os.path.join(data, split)
-    elif not data.startswith(("fashion-mnist", "hf:")) and not os.path.exists(data):
-        raise FileNotFoundError(f"--data {data!r} does not exist (valid: 'fashion-mnist', an image folder, a "
+    elif not data.startswith("hf:") and not os.path.exists(data):
+        raise FileNotFoundError(f"--data {data!r} does not exist (valid: an image folder, a folder of IDX files, a "
                                 "datasets save_to_disk dir, Parquet file(s) / a folder of them, 'hf:<name>')")
-    src = build_dataset(data, image_size=8, train=False, split=split, label_column=label_column or "label",
-                        path=data_path if data.startswith("fashion-mnist") else None)
+    src = build_dataset(data, image_size=8, train=False, split=split, label_column=label_column or "label")
     desc = {"data": data, "path": os.path.abspath(data) if os.path.exists(data) else None, "split": split,
             "kind": type(src).__name__}
     return src, desc
@@ -214,26 +197,27 @@ def write_shard(path: str, codes: np.ndarray, labels: np.ndarray, index: np.ndar
     os.replace(tmp, path)
 
 
-def _fixed_meta(args, tok, tok_sha, source, source_desc, grid) -> dict:
+def _fixed_meta(tok, tok_sha: str, tokenizer: str, source, source_desc: dict, grid, image_size: int, views: str,
+                precision: str, limit: int | None, shard_size: int, class_names: list[str]) -> dict:
     cfg = tok.config
-    n = len(source) if args.limit is None else min(args.limit, len(source))
+    n = len(source) if limit is None else min(limit, len(source))
     return {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
-        "tokenizer": {"path": os.path.abspath(args.tokenizer), "weights_sha256": tok_sha, "config": cfg.to_dict()},
+        "tokenizer": {"path": os.path.abspath(tokenizer), "weights_sha256": tok_sha, "config": cfg.to_dict()},
         "groups": int(cfg.groups),
         "codebook_size": int(cfg.codebook_size),
         "grid": list(grid),
         "dtype": code_dtype(cfg.codebook_size),
-        "image_size": int(args.image_size),
-        "views": {"mode": args.views, "count": len(view_names(args.views)), "names": view_names(args.views),
-                  **({"crop_ranges": list(TEN_CROP_RANGES)} if args.views == "ten-crop" else {})},
-        "precision": args.precision,
-        "class_names": list(source.class_names),
-        "num_classes": len(source.class_names),
+        "image_size": int(image_size),
+        "views": {"mode": views, "count": len(view_names(views)), "names": view_names(views),
+                  **({"crop_ranges": list(TEN_CROP_RANGES)} if views == "ten-crop" else {})},
+        "precision": precision,
+        "class_names": list(class_names),
+        "num_classes": len(class_names),
         "source": {**source_desc, "num_images": n},
-        "shard_size": int(args.shard_size),
-        "num_shards": (n + args.shard_size - 1) // args.shard_size,
+        "shard_size": int(shard_size),
+        "num_shards": (n + shard_size - 1) // shard_size,
     }
 
 
@@ -261,7 +245,9 @@ def check_existing_meta(out: str, fixed: dict) -> None:
 
 
 def finalize(out: str, fixed: dict) -> dict | None:
-    """If every shard exists, count rows / skipped images and write meta.json with complete=true."""
+    """If every shard exists, count rows / skipped images and write meta.json with complete=true. Shards whose images
+    were all unreadable hold no rows: they stay on disk (so a rerun skips them) but meta.json lists them under
+    `empty_shards`, not `shards`, so every reader of `shards` gets only non-empty Parquet files."""
     import pyarrow.parquet as pq
 
     n_shards, n_images = fixed["num_shards"], fixed["source"]["num_images"]
@@ -269,19 +255,21 @@ def finalize(out: str, fixed: dict) -> dict | None:
     if not all(os.path.isfile(os.path.join(out, s)) for s in names):
         return None
     seen = np.zeros(n_images, dtype=bool)
-    written = 0
+    written, empty = 0, []
     for s in names:
         idx = pq.read_table(os.path.join(out, s), columns=["index"]).column("index").to_numpy()
         if len(idx) and (seen[idx].any() or len(np.unique(idx)) != len(idx)):
             raise RuntimeError(f"{s}: duplicate image indices across shards (corrupt shard directory {out!r})")
         seen[idx] = True
         written += len(idx)
+        if not len(idx):
+            empty.append(s)
     skipped = np.flatnonzero(~seen)
-    meta = {**fixed, "shards": names,
+    meta = {**fixed, "shards": [s for s in names if s not in empty], "empty_shards": empty,
             "counts": {"images": n_images, "written": written, "skipped": int(len(skipped)),
                        "skipped_indices": skipped[:10000].tolist()},
             "complete": True}
-    _write_json_atomic(os.path.join(out, META_NAME), meta)
+    write_json(os.path.join(out, META_NAME), meta)
     return meta
 
 
@@ -293,16 +281,19 @@ def _parser() -> argparse.ArgumentParser:
                     "(stage-one cache for generator training). Resumable; runs under accelerate / torchrun.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
-               "  mgvq cache-codes --tokenizer runs/tok/final --data fashion-mnist --split train --out shards/fm\n"
+               "  mgvq cache-codes --tokenizer runs/tok/final --data imagenet/train --out shards/in1k\n"
+               "  mgvq cache-codes --tokenizer runs/tok/final --data /usr/share/datasets/fashion-mnist --split train \\\n"
+               "      --class-names 'T-shirt/top,Trouser,...,Ankle boot' --out shards/fm\n"
                "  accelerate launch --num_processes 8 -m tokenizer.cache_codes --tokenizer runs/tok/final \\\n"
                "      --data /data/imagenet/train --out shards/in1k-256 --views ten-crop --batch-size 64\n"
                "A killed run resumes when started again with the same arguments.")
     p.add_argument("--tokenizer", required=True, help="MGVQTokenizer.save_pretrained folder")
-    p.add_argument("--data", required=True, help="'fashion-mnist', an ImageNet-layout folder (root/<class>/<img>), "
+    p.add_argument("--data", required=True, help="an ImageNet-layout folder (root/<class>/<img>), a folder of IDX files "
+                                                 "(MNIST layout), "
                                                  "a datasets save_to_disk dir, or Parquet file(s) / a folder of them")
-    p.add_argument("--data-path", help="folder with the Fashion-MNIST IDX files for --data fashion-mnist (default: "
-                                       "/usr/share/datasets/fashion-mnist, then the cache, then a download)")
-    p.add_argument("--split", default="train", help="split for fashion-mnist / DatasetDicts / split sub-folders")
+    p.add_argument("--data-path", help=argparse.SUPPRESS)  # deprecated: with the old `--data fashion-mnist`
+    p.add_argument("--split", default="train", help="split of IDX folders (train | test) / DatasetDicts / split "
+                                                    "sub-folders")
     p.add_argument("--label-column", default=None, help="label column of a datasets source (default: 'label')")
     p.add_argument("--out", required=True, help="output folder (meta.json + data/*.parquet)")
     p.add_argument("--views", default="flip", choices=VIEW_MODES,
@@ -313,147 +304,182 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per process for decoding")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="encode precision (bf16: CUDA)")
     p.add_argument("--limit", type=int, default=None, help="only the first N images (quick runs)")
+    p.add_argument("--class-names", default=None, help="comma-separated class names replacing the source's (e.g. "
+                                                        "for IDX files, which carry only class numbers)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    run(_parser().parse_args(argv))
+    args = _parser().parse_args(argv)
+    class_names = None
+    if args.class_names:
+        class_names = [c.strip() for c in args.class_names.split(",")]
+    data, legacy_split = legacy_source(args.data, args.data_path)
+    run(tokenizer=args.tokenizer, data=data, out=args.out, split=legacy_split or args.split,
+        label_column=args.label_column, views=args.views, image_size=args.image_size, batch_size=args.batch_size,
+        shard_size=args.shard_size, num_workers=args.num_workers, precision=args.precision, limit=args.limit,
+        class_names=class_names)
     return 0
 
 
-def run(args: argparse.Namespace) -> dict:
-    """The whole extraction for this rank; returns its stats (images, seconds in the encode loop, shards, skipped)."""
-    for name in ("batch_size", "shard_size"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
-    if args.num_workers < 0:
-        raise SystemExit(f"--num-workers={args.num_workers}: must be >= 0")
-    if args.limit is not None and args.limit < 1:
-        raise SystemExit(f"--limit={args.limit}: must be >= 1")
-    if args.image_size is not None and args.image_size < 1:
-        raise SystemExit(f"--image-size={args.image_size}: must be >= 1")
-    check_output_dir(args.out, what="--out")  # before any loading: an unwritable --out fails now, not after hours
+def _check_settings(batch_size: int, shard_size: int, num_workers: int, limit: int | None, image_size: int | None,
+                    views: str, precision: str) -> None:
+    for flag, v, low in (("--batch-size", batch_size, 1), ("--shard-size", shard_size, 1),
+                         ("--num-workers", num_workers, 0), ("--limit", limit, 1), ("--image-size", image_size, 1)):
+        if v is not None and v < low:
+            raise ValueError(f"{flag}={v}: must be >= {low}")
+    if views not in VIEW_MODES:
+        raise ValueError(f"--views={views!r}: valid: {', '.join(VIEW_MODES)}")
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"--precision={precision!r}: valid: fp32, bf16 (CUDA)")
 
-    from datetime import timedelta
 
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-    from tqdm import tqdm
-
+def _load_tokenizer(tokenizer: str, device):
     from tokenizer.model import MGVQTokenizer
 
-    # launched distributed on CPU: gloo (accelerate has no CPU default); single process: no process group at all
-    # (accelerate 1.15 tries to use one when given the kwargs). Ranks never wait on each other; the timeout is loose.
-    handlers = []
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        handlers = [InitProcessGroupKwargs(backend=None if torch.cuda.is_available() else "gloo",
-                                           timeout=timedelta(hours=6))]
-    acc = Accelerator(kwargs_handlers=handlers)
-    rank, world = acc.process_index, acc.num_processes
-
-    weights = os.path.join(args.tokenizer, "model.safetensors")
+    weights = os.path.join(tokenizer, "model.safetensors")
     if not os.path.isfile(weights):
-        raise FileNotFoundError(f"--tokenizer {args.tokenizer!r}: no model.safetensors (expected a "
+        raise FileNotFoundError(f"--tokenizer {tokenizer!r}: no model.safetensors (expected a "
                                 "MGVQTokenizer.save_pretrained folder)")
-    tok_sha = sha256_file(weights)
-    tok = MGVQTokenizer.from_pretrained(args.tokenizer, device=acc.device).eval()
-    cfg = tok.config
-    args.image_size = args.image_size or cfg.image_size
-    f = cfg.downsample
-    if args.image_size % f:
-        raise SystemExit(f"--image-size={args.image_size}: must be a multiple of the tokenizer's downsample {f}")
-    grid = (args.image_size // f, args.image_size // f)
-    if args.precision == "bf16" and acc.device.type != "cuda":
-        raise SystemExit("--precision bf16 needs a CUDA device; use fp32 on CPU")
+    return MGVQTokenizer.from_pretrained(tokenizer, device=device).eval(), sha256_file(weights)
 
-    source, source_desc = open_source(args.data, args.split, args.label_column, args.data_path)
-    fixed = _fixed_meta(args, tok, tok_sha, source, source_desc, grid)
-    out = args.out
-    n_bytes = fixed["source"]["num_images"] * fixed["views"]["count"] * grid[0] * grid[1] * cfg.groups
-    check_output_dir(out, need_bytes=n_bytes * np.dtype(fixed["dtype"]).itemsize, what="--out")  # uncompressed codes
+
+def run(*, tokenizer: str, data: str, out: str, split: str = "train", label_column: str | None = None,
+        views: str = "flip", image_size: int | None = None, batch_size: int = 64,
+        shard_size: int = 4096, num_workers: int = 2, precision: str = "fp32", limit: int | None = None,
+        class_names: list[str] | None = None) -> dict:
+    """The whole extraction for this process (rank); returns its stats (images, seconds in the encode loop, shards,
+    skipped, complete). Arguments as the command line's (see `mgvq cache-codes --help`); `class_names` replaces the
+    source's class names (e.g. Fashion-MNIST's, whose IDX files carry only numbers)."""
+    _check_settings(batch_size, shard_size, num_workers, limit, image_size, views, precision)
+    check_output_dir(out, what="--out")  # before any loading: an unwritable --out fails now, not after hours
+    from runtime.accel import build_accelerator
+
+    # ranks never wait on each other; the timeout is loose
+    acc = build_accelerator("fp32", trackers=None, timeout_s=6 * 3600)
+    tok, tok_sha = _load_tokenizer(tokenizer, acc.device if acc.device.type == "cuda" else "cpu")
+    f = tok.config.downsample
+    image_size = image_size or tok.config.image_size
+    if image_size % f:
+        raise ValueError(f"--image-size={image_size}: must be a multiple of the tokenizer's downsample {f}")
+    if precision == "bf16" and acc.device.type != "cuda":
+        raise ValueError("--precision bf16 needs a CUDA device; use fp32 on CPU")
+    source, source_desc = open_source(data, split, label_column)
+    names = list(class_names) if class_names is not None else list(source.class_names)
+    if len(names) < len(source.class_names):
+        raise ValueError(f"class_names: {len(names)} names for {len(source.class_names)} classes in {data!r}")
+    grid = (image_size // f, image_size // f)
+    fixed = _fixed_meta(tok, tok_sha, tokenizer, source, source_desc, grid, image_size, views, precision, limit,
+                        shard_size, names)
+    n_bytes = fixed["source"]["num_images"] * fixed["views"]["count"] * grid[0] * grid[1] * tok.config.groups
+    check_output_dir(out, need_bytes=n_bytes * np.dtype(fixed["dtype"]).itemsize, what="--out")  # uncompressed
     os.makedirs(os.path.join(out, "data"), exist_ok=True)
     check_existing_meta(out, fixed)
     if not os.path.isfile(os.path.join(out, META_NAME)):  # every rank may write it: the content is identical
-        _write_json_atomic(os.path.join(out, META_NAME), {**fixed, "complete": False})
-    n, S, n_shards, V = fixed["source"]["num_images"], args.shard_size, fixed["num_shards"], fixed["views"]["count"]
-    mine = [k for k in range(rank, n_shards, world)]
-    for k in mine:  # partial files of a killed run (only this rank writes these shards, so none is in use)
-        for stale in glob.glob(os.path.join(out, "data", f".tmp-*-{os.path.basename(shard_name(k, n_shards))}")):
-            os.remove(stale)
-    todo = [k for k in mine if not os.path.isfile(os.path.join(out, shard_name(k, n_shards)))]
-    batches = [list(range(s, min(s + args.batch_size, (k + 1) * S, n)))
-               for k in todo for s in range(k * S, min((k + 1) * S, n), args.batch_size)]
-    features = shard_features(V, grid, cfg.groups, fixed["dtype"], source.class_names)
-    np_dtype = np.dtype(fixed["dtype"])
-    loader = DataLoader(_ViewsDataset(source, args.image_size, args.views), batch_sampler=batches,
-                        num_workers=args.num_workers, collate_fn=_collate, pin_memory=acc.device.type == "cuda",
-                        persistent_workers=False)
-    kill_after = int(os.environ.get(_STOP_ENV, "0") or 0)
-    todo_images = sum(len(b) for b in batches)
-    if acc.is_main_process:
-        print(f"cache-codes: {n} images -> {n_shards} shards of {S} in {out!r}; rank {rank}/{world}: "
-              f"{len(todo)}/{len(mine)} shards to write ({len(mine) - len(todo)} already done); V={V}, "
-              f"G={cfg.groups}, K={cfg.codebook_size}, grid={grid}, codes {fixed['dtype']}", file=sys.stderr)
-    bar = tqdm(total=todo_images, unit="img", disable=not acc.is_local_main_process, smoothing=0.05,
-               desc=f"rank {rank} encoding", dynamic_ncols=True)
-    acc_codes, acc_labels, acc_index, acc_bad = [], [], [], 0
-    cur, remaining, n_written = None, 0, 0
-    torch_dtype = {"uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32}[fixed["dtype"]]
-    # Shards are written by one background thread (pyarrow releases the GIL) while the next shard is encoded; at
-    # most one write is pending. Codes stay on the device until their shard is complete: no sync per batch.
-    writer, pending = ThreadPoolExecutor(max_workers=1), None
-
-    def drain():
-        nonlocal pending, n_written
-        if pending is not None:
-            pending.result()  # re-raises a failed write
-            pending, n_written = None, n_written + 1
-            if kill_after and n_written >= kill_after:  # test hook: die like a preempted job
-                os.kill(os.getpid(), signal.SIGKILL)
-
-    t0, t_first = time.perf_counter(), None
-    for views, labels, index, bad in loader:
-        t_first = t_first or time.perf_counter()  # worker start-up + first batch (pipeline fill)
-        nb = len(index) + len(bad)
-        k = (int(index[0]) if len(index) else bad[0][0]) // S
-        if cur is None:
-            cur, remaining = k, min((k + 1) * S, n) - k * S
-        assert k == cur, f"batch of shard {k} while shard {cur} is open"
-        if views is not None:
-            x = to_model_input(views.to(acc.device, non_blocking=True).flatten(0, 1))
-            with torch.autocast("cuda", dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext():
-                idx = tok.encode(x)
-            acc_codes.append(idx.view(len(index), V, *idx.shape[1:]).to(torch_dtype))
-            acc_labels.append(labels.numpy())
-            acc_index.append(index.numpy())
-        for i, why in bad:
-            tqdm.write(f"rank {rank}: skipping unreadable image {i}: {why}", file=sys.stderr)
-        acc_bad += len(bad)
-        remaining -= nb
-        bar.update(nb)
-        if remaining == 0:
-            codes = torch.cat(acc_codes).cpu().numpy() if acc_codes else np.zeros((0, V, *grid, cfg.groups), np_dtype)
-            drain()
-            pending = writer.submit(write_shard, os.path.join(out, shard_name(cur, n_shards)), codes,
-                                    np.concatenate(acc_labels) if acc_labels else np.zeros(0, np.int64),
-                                    np.concatenate(acc_index) if acc_index else np.zeros(0, np.int64), features)
-            acc_codes, acc_labels, acc_index, cur = [], [], [], None
-    drain()
-    writer.shutdown()
-    if acc.device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    bar.close()
-    print(f"cache-codes: rank {rank}/{world} wrote shards {[k for k in todo]} ({acc_bad} unreadable images skipped)",
-          file=sys.stderr)
+        write_json(os.path.join(out, META_NAME), {**fixed, "complete": False})
+    with RunLock(out, "--out", enabled=acc.is_main_process):
+        stats = _encode_my_shards(acc, tok, source, fixed, out, batch_size, num_workers)
     meta = finalize(out, fixed)  # the last rank to finish sees every shard and writes the final meta.json
     if meta is not None:
         c = meta["counts"]
         print(f"cache-codes: complete: {c['written']} images written, {c['skipped']} skipped as unreadable "
-              f"({n_shards} shards in {out!r})", file=sys.stderr)
-    return {"images": todo_images, "seconds": seconds, "fill_seconds": (t_first or t0) - t0, "shards": n_written,
-            "skipped": acc_bad,
-            "complete": meta is not None}
+              f"({fixed['num_shards']} shards in {out!r}, {len(meta['empty_shards'])} of them empty)", file=sys.stderr)
+    return {**stats, "complete": meta is not None}
+
+
+class _ShardWriter:
+    """Accumulates one shard's codes (on the device: no sync per batch) and writes finished shards from one
+    background thread (pyarrow releases the GIL) while the next shard is encoded; at most one write is pending."""
+
+    def __init__(self, out: str, fixed: dict, features):
+        self.out, self.fixed, self.features = out, fixed, features
+        self.n, self.S = fixed["source"]["num_images"], fixed["shard_size"]
+        self.torch_dtype = {"uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32}[fixed["dtype"]]
+        self.pool, self.pending, self.written = ThreadPoolExecutor(max_workers=1), None, 0
+        self.cur, self.remaining = None, 0
+        self.codes, self.labels, self.index = [], [], []
+
+    def add(self, k: int, count: int, codes=None, labels=None, index=None) -> None:
+        """`count` images of shard k done (`codes` etc. for the readable ones); writes the shard when complete."""
+        if self.cur is None:
+            self.cur, self.remaining = k, min((k + 1) * self.S, self.n) - k * self.S
+        assert k == self.cur, f"batch of shard {k} while shard {self.cur} is open"
+        if codes is not None:
+            self.codes.append(codes.to(self.torch_dtype))
+            self.labels.append(labels.numpy())
+            self.index.append(index.numpy())
+        self.remaining -= count
+        if self.remaining == 0:
+            f = self.fixed
+            empty = np.zeros((0, f["views"]["count"], *f["grid"], f["groups"]), np.dtype(f["dtype"]))
+            codes = torch.cat(self.codes).cpu().numpy() if self.codes else empty
+            self.drain()
+            self.pending = self.pool.submit(
+                write_shard, os.path.join(self.out, shard_name(self.cur, f["num_shards"])), codes,
+                np.concatenate(self.labels) if self.labels else np.zeros(0, np.int64),
+                np.concatenate(self.index) if self.index else np.zeros(0, np.int64), self.features)
+            self.codes, self.labels, self.index, self.cur = [], [], [], None
+
+    def drain(self) -> None:
+        if self.pending is not None:
+            self.pending.result()  # re-raises a failed write
+            self.pending, self.written = None, self.written + 1
+
+    def close(self) -> None:
+        self.drain()
+        self.pool.shutdown()
+
+
+def _encode_my_shards(acc, tok, source, fixed: dict, out: str, batch_size: int, num_workers: int) -> dict:
+    """Encode and write the shards this rank owns (k % world == rank) that do not exist yet."""
+    from tqdm import tqdm
+
+    rank, world = acc.process_index, acc.num_processes
+    n, S, n_shards, V = fixed["source"]["num_images"], fixed["shard_size"], fixed["num_shards"], fixed["views"]["count"]
+    mine = list(range(rank, n_shards, world))
+    for k in mine:  # partial files of a killed run (only this rank writes these shards, so none is in use)
+        for stale in glob.glob(os.path.join(out, "data", f".tmp-*-{os.path.basename(shard_name(k, n_shards))}")):
+            os.remove(stale)
+    todo = [k for k in mine if not os.path.isfile(os.path.join(out, shard_name(k, n_shards)))]
+    batches = [list(range(s, min(s + batch_size, (k + 1) * S, n)))
+               for k in todo for s in range(k * S, min((k + 1) * S, n), batch_size)]
+    features = shard_features(V, fixed["grid"], fixed["groups"], fixed["dtype"], fixed["class_names"])
+    loader = DataLoader(_ViewsDataset(source, fixed["image_size"], fixed["views"]["mode"]), batch_sampler=batches,
+                        num_workers=num_workers, collate_fn=_collate, pin_memory=acc.device.type == "cuda",
+                        persistent_workers=False)
+    todo_images = sum(len(b) for b in batches)
+    if acc.is_main_process:
+        print(f"cache-codes: {n} images -> {n_shards} shards of {S} in {out!r}; rank {rank}/{world}: "
+              f"{len(todo)}/{len(mine)} shards to write ({len(mine) - len(todo)} already done); V={V}, "
+              f"G={fixed['groups']}, K={fixed['codebook_size']}, grid={tuple(fixed['grid'])}, codes {fixed['dtype']}",
+              file=sys.stderr)
+    bar = tqdm(total=todo_images, unit="img", disable=not acc.is_local_main_process, smoothing=0.05,
+               desc=f"rank {rank} encoding", dynamic_ncols=True)
+    writer, skipped = _ShardWriter(out, fixed, features), 0
+    t0, t_first = time.perf_counter(), None
+    for views, labels, index, bad in loader:
+        t_first = t_first or time.perf_counter()  # worker start-up + first batch (pipeline fill)
+        k = (int(index[0]) if len(index) else bad[0][0]) // S
+        codes = None
+        if views is not None:
+            x = to_model_input(views.to(acc.device, non_blocking=True).flatten(0, 1))
+            with torch.autocast("cuda", dtype=torch.bfloat16) if fixed["precision"] == "bf16" else nullcontext():
+                idx = tok.encode(x)
+            codes = idx.view(len(index), V, *idx.shape[1:])
+        for i, why in bad:
+            tqdm.write(f"rank {rank}: skipping unreadable image {i}: {why}", file=sys.stderr)
+        skipped += len(bad)
+        writer.add(k, len(index) + len(bad), codes, labels, index)
+        bar.update(len(index) + len(bad))
+    writer.close()
+    if acc.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    bar.close()
+    print(f"cache-codes: rank {rank}/{world} wrote shards {todo} ({skipped} unreadable images skipped)",
+          file=sys.stderr)
+    return {"images": todo_images, "seconds": seconds, "fill_seconds": (t_first or t0) - t0, "shards": writer.written,
+            "skipped": skipped}
 
 
 if __name__ == "__main__":

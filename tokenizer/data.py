@@ -1,4 +1,4 @@
-"""Image data for stage-one training: folders, HF `datasets` images, Fashion-MNIST, scikit-image photo crops.
+"""Image data for stage-one training: folders, HF `datasets` images, IDX folders, scikit-image photo crops.
 
 Every dataset item is a dict {"image": (3, S, S) float32 in [-1, 1], "label": int, "failed": int}. Unreadable,
 truncated, zero-byte or non-image files never crash training: the item is replaced by the next readable index and
@@ -9,15 +9,15 @@ Augmentation (LlamaGen `dataset/augmentation.py`, reference B.8):
   "random_crop"  random_crop_arr: short side resized to a random size in [S/max_frac, S/min_frac] = [S, S/0.8]
                  (BOX halving first, then BICUBIC), random S x S crop; + horizontal flip        (training)
   "center_crop"  ADM center_crop_arr: short side to S, centre S x S crop                         (evaluation)
-  "resize"       plain BICUBIC resize to S x S (+ flip in training); for small full-frame datasets (Fashion-MNIST)
+  "resize"       plain BICUBIC resize to S x S (+ flip in training); for small full-frame datasets (IDX folders)
 
 Reproducibility: `ResumableBatchSampler` yields, for training step s, the same batch of (index, augmentation seed)
 pairs whatever the number of dataloader workers, so a run resumed at step s sees exactly the data of an uninterrupted
 run; its state is just (seed, step).
 
 Sources (`build_dataset(source, ...)`):
-  "fashion-mnist" / "fashion-mnist:test"   IDX files: --path, /usr/share/datasets/fashion-mnist (Debian package
-                                           dataset-fashion-mnist), ~/.cache/mgvq/fashion-mnist, else downloaded
+  a folder of IDX files                    MNIST layout (train-images-idx3-ubyte[.gz], t10k-...), split train | test,
+                                           e.g. /usr/share/datasets/fashion-mnist (the demo's data: pipelines/)
   "skimage"                                random crops of the colour photos bundled with scikit-image (offline)
   a folder                                 ImageNet layout (one subfolder per class) or a flat folder of images
   a `save_to_disk` folder / *.parquet / a folder of parquet files / "hf:<name or path>"   HF `datasets` images
@@ -30,7 +30,6 @@ import math
 import os
 import random
 import struct
-import urllib.request
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -315,18 +314,8 @@ class ArrayImageDataset(RobustImageDataset):
         return Image.fromarray(np.asarray(self.images[i]))
 
 
-# ---- Fashion-MNIST ---------------------------------------------------------------------------------------------------
-FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                         "Ankle boot"]
-FASHION_MNIST_DEBIAN = "/usr/share/datasets/fashion-mnist"
-FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-                       "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
-FASHION_MNIST_MIRRORS = ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
-                         "https://github.com/zalandoresearch/fashion-mnist/raw/master/data/fashion/")
-
-
-def _fashion_cache() -> Path:
-    return Path(os.environ.get("MGVQ_DATA_DIR") or Path.home() / ".cache" / "mgvq") / "fashion-mnist"
+# ---- IDX folders (the MNIST family's format) --------------------------------------------------------------------------
+IDX_SPLITS = {"train": "train", "test": "t10k"}  # split -> file prefix: <prefix>-images-idx3-ubyte[.gz] + -labels-idx1-
 
 
 def _idx_file(d: Path, stem: str) -> Path | None:
@@ -334,6 +323,25 @@ def _idx_file(d: Path, stem: str) -> Path | None:
         if (d / name).is_file():
             return d / name
     return None
+
+
+def is_idx_folder(path: str | os.PathLike) -> bool:
+    """True for a folder holding train-images-idx3-ubyte[.gz] (MNIST / Fashion-MNIST layout)."""
+    return Path(path).is_dir() and _idx_file(Path(path), "train-images-idx3-ubyte") is not None
+
+
+def legacy_source(data: str, folder: str | None = None) -> tuple[str, str | None]:
+    """Deprecated `fashion-mnist[:split]` (+ a folder given as data_path / --data-path) -> (IDX folder, split)."""
+    if not (data == "fashion-mnist" or data.startswith("fashion-mnist:")):
+        return data, None
+    import sys
+    import warnings
+
+    msg = (f"data={data!r} is deprecated: pass the folder of IDX files instead (data=<folder>, split via "
+           f"data_split= / --split; class names via --class-names for cache-codes)")
+    warnings.warn(msg, FutureWarning, stacklevel=2)
+    print(f"warning: {msg}", file=sys.stderr)
+    return folder or "/usr/share/datasets/fashion-mnist", data.split(":", 1)[1] if ":" in data else None
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -351,57 +359,19 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return arr.reshape(shape)
 
 
-def find_fashion_mnist(path: str | os.PathLike | None = None, download: bool = True) -> Path:
-    """Folder holding the 4 IDX files: `path`, the Debian package's folder, the cache, else downloaded there."""
-    stems = [s for pair in FASHION_MNIST_FILES.values() for s in pair]
-    if path:  # an explicit folder must hold the files
-        if all(_idx_file(Path(path), s) for s in stems):
-            return Path(path)
-        raise FileNotFoundError(f"Fashion-MNIST IDX files {stems} (.gz or not) not found in {path}")
-    tried = []
-    for d in (Path(FASHION_MNIST_DEBIAN), _fashion_cache()):
-        tried.append(str(d))
-        if all(_idx_file(d, s) for s in stems):
-            return d
-    if download:
-        dst = _fashion_cache()
-        dst.mkdir(parents=True, exist_ok=True)
-        errors = []
-        for mirror in FASHION_MNIST_MIRRORS:
-            try:
-                for s in stems:
-                    if not (dst / (s + ".gz")).exists():
-                        with urllib.request.urlopen(mirror + s + ".gz", timeout=30) as r:
-                            blob = r.read()
-                        (dst / (s + ".gz.tmp")).write_bytes(blob)
-                        os.replace(dst / (s + ".gz.tmp"), dst / (s + ".gz"))
-                return dst
-            except Exception as e:  # noqa: BLE001 - try the next mirror, report all
-                errors.append(f"{mirror}: {type(e).__name__}: {e}")
-        tried += errors
-    raise FileNotFoundError(
-        "Fashion-MNIST not found. Tried: " + "; ".join(tried) + ". Install the Debian package "
-        "(`apt-get install dataset-fashion-mnist`, files in /usr/share/datasets/fashion-mnist), pass the folder "
-        "holding train-images-idx3-ubyte.gz etc., or run once with internet access.")
-
-
-def load_fashion_mnist(split: str = "train", path: str | os.PathLike | None = None, download: bool = True):
-    """-> images uint8 (N, 28, 28), labels int64 (N,), class names (10)."""
-    if split not in FASHION_MNIST_FILES:
-        raise ValueError(f"Fashion-MNIST split must be one of {list(FASHION_MNIST_FILES)}, got {split!r}")
-    d = find_fashion_mnist(path, download)
-    img_stem, lab_stem = FASHION_MNIST_FILES[split]
-    images, labels = read_idx(_idx_file(d, img_stem)), read_idx(_idx_file(d, lab_stem)).astype(np.int64)
+def load_idx_split(folder: str | os.PathLike, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """-> images uint8 (N, H, W), labels int64 (N,) of a split ("train" | "test") of an IDX folder."""
+    if split not in IDX_SPLITS:
+        raise ValueError(f"IDX split must be one of {list(IDX_SPLITS)}, got {split!r}")
+    d, prefix = Path(folder), IDX_SPLITS[split]
+    img, lab = _idx_file(d, f"{prefix}-images-idx3-ubyte"), _idx_file(d, f"{prefix}-labels-idx1-ubyte")
+    if img is None or lab is None:
+        raise FileNotFoundError(f"{prefix}-images-idx3-ubyte / {prefix}-labels-idx1-ubyte (.gz or not) not found "
+                                f"in {folder}")
+    images, labels = read_idx(img), read_idx(lab).astype(np.int64)
     if images.ndim != 3 or labels.shape != (images.shape[0],):
-        raise ValueError(f"Fashion-MNIST {split}: bad shapes images {images.shape} labels {labels.shape}")
-    return images, labels, list(FASHION_MNIST_CLASSES)
-
-
-def fashion_mnist_dataset(split: str = "train", image_size: int = 32, train: bool = True,
-                          path: str | os.PathLike | None = None) -> ArrayImageDataset:
-    """Fashion-MNIST as RGB image_size x image_size images (bicubic resize; horizontal flips when training)."""
-    images, labels, names = load_fashion_mnist(split, path)
-    return ArrayImageDataset(images, labels, names, ImageTransform(image_size, "resize", hflip=train))
+        raise ValueError(f"{folder} {split}: bad shapes images {images.shape} labels {labels.shape}")
+    return images, labels
 
 
 # ---- scikit-image photos ---------------------------------------------------------------------------------------------
@@ -470,15 +440,20 @@ def _load_hf(source: str, split: str):
 
 
 def build_dataset(source: str, image_size: int, train: bool = True, split: str | None = None,
-                  augmentation: str | None = None, hflip: bool | None = None, path: str | None = None,
-                  image_column: str | None = None, label_column: str | None = "label",
-                  num_crops: int = 4096, seed: int = 0) -> RobustImageDataset:
+                  augmentation: str | None = None, hflip: bool | None = None, image_column: str | None = None,
+                  label_column: str | None = "label", num_crops: int = 4096, seed: int = 0,
+                  class_names: Sequence[str] | None = None) -> RobustImageDataset:
     """One entry point for every source (see the module docstring). `augmentation` defaults to "random_crop" for
-    training and "center_crop" for evaluation ("resize" for Fashion-MNIST; skimage crops are already S x S)."""
+    training and "center_crop" for evaluation ("resize" for IDX folders; skimage crops are already S x S).
+    `class_names`: names of an IDX folder's classes (its files carry only numbers)."""
     hflip = train if hflip is None else hflip
-    if source.startswith("fashion-mnist"):
-        sp = source.split(":", 1)[1] if ":" in source else (split or ("train" if train else "test"))
-        images, labels, names = load_fashion_mnist(sp, path)
+    if source == "fashion-mnist" or source.startswith("fashion-mnist:"):
+        raise ValueError(f"data={source!r}: Fashion-MNIST is the demo's dataset (pipelines/fashion_mnist.py) and no "
+                         f"longer a built-in name; pass its folder of IDX files instead, e.g. "
+                         f"data=/usr/share/datasets/fashion-mnist (Debian: apt-get install dataset-fashion-mnist)")
+    if is_idx_folder(source):
+        images, labels = load_idx_split(source, split or ("train" if train else "test"))
+        names = list(class_names) if class_names else [str(i) for i in range(int(labels.max()) + 1)]
         return ArrayImageDataset(images, labels, names, ImageTransform(image_size, augmentation or "resize", hflip))
     if source == "skimage":
         images, labels = skimage_crops(num_crops, image_size, seed=seed if train else seed + 1)
@@ -493,8 +468,8 @@ def build_dataset(source: str, image_size: int, train: bool = True, split: str |
         return HFImageDataset(ds, transform, image_column, label_column)
     if p.is_dir():
         return ImageFolderDataset(p, transform)
-    raise FileNotFoundError(f"data source {source!r} is not 'fashion-mnist[:split]', 'skimage', an image folder, a "
-                            f"datasets folder (save_to_disk), a parquet file / folder, or 'hf:<name>'")
+    raise FileNotFoundError(f"data source {source!r} is not 'skimage', an image folder, a folder of IDX files (MNIST "
+                            f"layout), a datasets folder (save_to_disk), a parquet file / folder, or 'hf:<name>'")
 
 
 # ---- resumable sampling ----------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ from runtime.io import write_json
 from runtime.metrics import MetricLogger, select_trackers
 from runtime.optim import LR_SCHEDULES, build_adamw, lr_at, set_lr
 from runtime.outdir import RunLock, check_output_dir
-from tokenizer.data import ResumableBatchSampler, build_dataset, collate
+from tokenizer.data import ResumableBatchSampler, build_dataset, collate, legacy_source
 from tokenizer.losses import LossConfig, TokenizerLoss
 from tokenizer.model import MGVQTokenizer, TokenizerConfig
 
@@ -58,8 +58,7 @@ class TrainConfig:
     model_overrides: dict = field(default_factory=dict)  # TokenizerConfig fields; dotted keys, e.g. {"vqgan.ch": 16}
     init_from: str | None = None  # a save_pretrained folder to start from (fine-tuning) instead of the preset
     # data
-    data: str = "fashion-mnist"  # fashion-mnist[:split] | skimage | image folder | datasets folder / parquet | hf:name
-    data_path: str | None = None  # Fashion-MNIST folder override
+    data: str = "skimage"  # skimage | image folder | IDX folder | datasets folder / parquet | hf:name
     data_split: str | None = None
     image_column: str | None = None
     label_column: str | None = "label"
@@ -155,6 +154,11 @@ class TrainConfig:
         """Old spellings that are not a plain rename."""
         if "resume" in d and d["resume"] is None:
             d["resume"] = "none"
+        if "data_path" in d or str(d.get("data", "")).startswith("fashion-mnist"):
+            data, split = legacy_source(str(d.get("data", "fashion-mnist")), d.pop("data_path", None))
+            d["data"] = data
+            if split:
+                d["data_split"] = split
         if d.get("mixed_precision") == "no" or d.get("mixed_precision") is False:
             d["mixed_precision"] = "fp32"
         return d
@@ -217,7 +221,7 @@ def setup(cfg: TrainConfig) -> tuple[Run, object]:
     with acc.main_process_first():  # one process fetches LPIPS weights / Fashion-MNIST if missing, the rest reuse
         loss_fn = TokenizerLoss(cfg.loss_config(), cfg.lpips_dir).to(device)
         dataset = build_dataset(cfg.data, image_size, train=True, split=cfg.data_split,
-                                augmentation=cfg.augmentation, path=cfg.data_path, image_column=cfg.image_column,
+                                augmentation=cfg.augmentation, image_column=cfg.image_column,
                                 label_column=cfg.label_column, num_crops=cfg.num_crops, seed=cfg.seed)
     steps_per_epoch = len(dataset) // (cfg.batch_size * acc.num_processes)
     if steps_per_epoch < 1:
