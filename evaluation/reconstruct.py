@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from evaluation import metrics as M
-from evaluation.outdir import check_output_dir
+from runtime.outdir import check_output_dir
 
 RESOLUTIONS = {"256": (256, 256), "512": (512, 512), "2k": (2560, 1440)}
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from evaluation import metrics as M
-from evaluation.outdir import check_output_dir
+from runtime.outdir import check_output_dir
 from runtime.cli_args import add_sampling_args, check_sampling_args, pipeline_layout
 
 # sample_fn(labels (B,) int64, seeds list[int]) -> float (B, 3, H, W) in [0, 1]

@@ -32,7 +32,7 @@ import sys
 import torch
 
 from .model import GPT, GPTConfig
-from .outdir import check_output_dir
+from runtime.outdir import check_output_dir
 
 # LlamaGen presets by width: dim -> n_head (gpt.py GPT_models)
 LLAMAGEN_HEADS = {768: 12, 1024: 16, 1280: 20, 1536: 24, 2560: 40, 2048: 32, 3200: 32, 4096: 32}

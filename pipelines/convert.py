@@ -122,7 +122,7 @@ def assemble_pipeline(argv: list[str]) -> int:
     if len(pos) != 3:
         raise SystemExit("usage: mgvq convert --from pipeline TOKENIZER_DIR GENERATOR_DIR OUT_DIR [--labels ...] "
                          "[--codes SHARDS] [k=v]")
-    from tokenizer.outdir import check_output_dir
+    from runtime.outdir import check_output_dir
 
     check_output_dir(pos[2], what="OUT_DIR")
     # the tokenizer must be the one that made the generator's training codes (sha256 of its weights file)

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from torchvision.utils import save_image
 
     from pipelines import MGVQPipeline
-    from tokenizer.outdir import check_output_dir
+    from runtime.outdir import check_output_dir
 
     # an unwritable --out fails before the model is loaded and sampled
     check_output_dir((os.path.dirname(a.out) or ".") if a.out.endswith(".png") else a.out, what="--out")

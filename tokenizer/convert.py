@@ -18,7 +18,7 @@ import sys
 import torch
 
 from tokenizer.model import MGVQTokenizer, TokenizerConfig, apply_overrides
-from tokenizer.outdir import check_output_dir
+from runtime.outdir import check_output_dir
 
 CHECKPOINT_KEYS = ("model", "state_dict", "ema")
 _IGNORED = ("quantize.codebook_used", "quantize.embed_prob")
