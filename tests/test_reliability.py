@@ -638,3 +638,52 @@ def test_train_tokenizer_unwritable_output_or_full_disk_fails_at_start(assets, t
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 * 2**30, 10 * 2**30 - 5 * 2**20, 5 * 2**20))
     with pytest.raises(OSError, match=r"out_dir .* only 5.0 MiB free"):
         main(TOK_FAST + ["steps=1", f"out_dir={tmp_path / 'o'}"])
+
+
+# ------------------------------------------------------------- 7. resume reads no pickle; one run per output folder
+
+
+def test_resume_reads_only_safetensors_and_json(tmp_path, monkeypatch):
+    """Checkpoints hold safetensors + JSON only, and resuming never unpickles: with torch.load / pickle disabled a
+    resumed run still ends bit-identical to an uninterrupted one (both stages)."""
+    import pickle
+
+    from tokenizer.train import main as tok_main
+
+    tok_common = TOK_FAST + ["save_every=2", "ema=true", "ema_decay=0.9"]
+    gen_common = GEN_FAST + ["save_every=2", "ema=true", "ema_decay=0.9"]
+    tok_main(tok_common + ["steps=4", f"out_dir={tmp_path / 'ta'}"])
+    gtrain.main(gen_common + ["steps=4", f"out_dir={tmp_path / 'ga'}"])
+    tok_main(tok_common + ["steps=2", f"out_dir={tmp_path / 'tb'}"])
+    gtrain.main(gen_common + ["steps=2", f"out_dir={tmp_path / 'gb'}"])
+    for run in ("tb", "gb"):
+        files = os.listdir(tmp_path / run / "checkpoints" / "step_00000002")
+        assert files and all(f.endswith((".safetensors", ".json")) for f in files), files
+
+    def refuse(*a, **k):
+        raise AssertionError("resume unpickled something")
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "load", refuse)
+        m.setattr(pickle, "load", refuse)
+        m.setattr(pickle, "loads", refuse)
+        tok_main(tok_common + ["steps=4", f"out_dir={tmp_path / 'tb'}"])
+        gtrain.main(gen_common + ["steps=4", f"out_dir={tmp_path / 'gb'}"])
+    for a, b in (("ta", "tb"), ("ga", "gb")):
+        for final in ("final", "final_ema"):
+            wa = load_file(str(tmp_path / a / final / "model.safetensors"))
+            wb = load_file(str(tmp_path / b / final / "model.safetensors"))
+            assert all(torch.equal(wa[k], wb[k]) for k in wa if k != "quantize.codebook_used"), (a, final)
+
+
+def test_a_second_run_on_the_same_output_folder_refuses(tmp_path):
+    from runtime.outdir import FolderLockedError, RunLock
+    from tokenizer.train import main as tok_main
+
+    with RunLock(tmp_path / "run"):  # a live run holds the folder
+        with pytest.raises(FolderLockedError, match=r"out_dir '.*run' is in use by a running job \(pid \d+"):
+            gtrain.main(GEN_FAST + ["steps=1", f"out_dir={tmp_path / 'run'}"])
+        with pytest.raises(FolderLockedError, match="in use by a running job"):
+            tok_main(TOK_FAST + ["steps=1", f"out_dir={tmp_path / 'run'}"])
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    gtrain.main(GEN_FAST + ["steps=1", f"out_dir={tmp_path / 'run'}"])  # free once the holder is gone
