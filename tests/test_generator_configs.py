@@ -29,9 +29,9 @@ def test_config_loads_with_the_layout_and_recipe(size, layout):
     cfg = load_config(_path(size, layout))
     preset, batch, lr = SIZES[size]
     assert (cfg.model, cfg.global_batch_size, cfg.lr, cfg.epochs) == (preset, batch, lr, 300)
-    assert (cfg.beta1, cfg.beta2, cfg.weight_decay, cfg.grad_clip, cfg.lr_schedule) == (0.9, 0.95, 0.05, 1.0, "constant")
+    assert (tuple(cfg.betas), cfg.weight_decay, cfg.grad_clip, cfg.lr_schedule) == ((0.9, 0.95), 0.05, 1.0, "constant")
     want = {"mgvq": {"input_mode": "projector", "head": "ar"}, "parallel": {"input_mode": "sum", "head": "parallel"}}
-    assert {k: cfg.model_args[k] for k in ("input_mode", "head")} == want[layout]
+    assert {k: cfg.model_overrides[k] for k in ("input_mode", "head")} == want[layout]
     assert (cfg.codebook is not None) == (layout == "mgvq")
     assert cfg.sample_top_k == 4096  # MGVQ's --top-k 12 (log2)
 
@@ -48,9 +48,9 @@ def tok_dir(tmp_path_factory):
 def test_config_smoke_trains_two_steps(size, layout, tok_dir, tmp_path):
     out = tmp_path / "run"
     tiny = ["data=synthetic", "synthetic_meta={groups: 4, codebook_size: 256, grid: 4, num_classes: 10}",
-            "synthetic_size=16", "model_args.dim=64", "model_args.n_layer=1", "model_args.n_head=4",
-            "global_batch_size=4", "batch_size=4", "max_steps=2", "num_workers=0", "precision=fp32",
-            "sample_every=0", "sample_top_k=16", "ckpt_every=2", "tensorboard=false", f"out={out}"]
+            "synthetic_size=16", "model_overrides.dim=64", "model_overrides.n_layer=1", "model_overrides.n_head=4",
+            "global_batch_size=4", "batch_size=4", "steps=2", "num_workers=0", "precision=fp32",
+            "sample_every=0", "sample_top_k=16", "save_every=2", "log_with=none", f"out_dir={out}"]
     if layout == "mgvq":
         tiny.append(f"codebook={tok_dir}")
     assert main(["--config", _path(size, layout), *tiny]) == 0

@@ -36,7 +36,7 @@ def trained(tmp_path_factory):
                         str(base / "codes"), "--num-workers", "0", "--batch-size", "8"]) == 0
     from generator.train import load_config, train
 
-    cfg = load_config("configs/generator/tiny.yaml", [f"data={base / 'codes'}", f"out={base / 'gen'}", "max_steps=2",
+    cfg = load_config("configs/generator/tiny.yaml", [f"data={base / 'codes'}", f"out_dir={base / 'gen'}", "steps=2",
                                                       "global_batch_size=4", "batch_size=4", "num_workers=0",
                                                       "sample_every=0", "log_every=1", "precision=fp32"])
     train(cfg)
