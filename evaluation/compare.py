@@ -25,7 +25,7 @@ from pathlib import Path
 
 from evaluation import sample as S
 
-COLUMNS = ("fid", "inception_score", "precision", "recall", "num_images")
+COLUMNS = ("fid", "sfid", "inception_score", "precision", "recall", "num_images")
 
 
 def main(argv: list[str] | None = None) -> int:

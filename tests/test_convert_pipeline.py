@@ -121,6 +121,7 @@ def test_compare_llamagen_and_mgvq_in_one_table(llamagen_pipeline, mgvq_pipeline
     row = table["results"]["mgvq"]
     assert row["num_images"] == 4 and row["fid"] == pytest.approx(solo["fid"], rel=1e-6)
     assert row["inception_score"] == pytest.approx(solo["inception_score"], rel=1e-6)
+    assert row["sfid"] is not None and row["sfid"] == pytest.approx(solo["sfid"], rel=1e-6)  # from the ref's arr_0
     assert table["results"]["llamagen"]["fid"] != pytest.approx(row["fid"])
 
 
