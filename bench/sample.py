@@ -1,198 +1,250 @@
-"""Sampling throughput: static-KV-cache decoding (generator.generate) vs a naive decoder that recomputes the
-whole prefix at every step (what a cache-less implementation does). Prints a table; never asserted on in tests.
+"""Sampling speed of generator.generate: ms per decode step against the weight-read (memory) floor; optional
+side-by-side with LlamaGen's own generate() on the same weights. Prints tables; never asserted on in tests.
 
-    python bench/sample.py                                  # CPU: GPT-tiny / B / L, batch 1, 8, 32, CFG 2.0
-    python bench/sample.py --presets GPT-tiny --batches 1 8 --full
-    python bench/sample.py --device cuda --presets GPT-XXL --compile --dtype bfloat16 --batches 8 32 --full
+    # the issue-13 table on one GPU: model x batch x eager/compiled x parallel/AR head, bf16, CFG 4, G=8 codes
+    python bench/sample.py --device cuda --dtype bfloat16 --presets GPT-B GPT-XXL --batches 32 256 \\
+        --groups 8 --codebook-size 2048 --heads parallel ar --modes eager compiled
+    # CPU: ours vs LlamaGen generate() in one process, same weights (GPT-B, 256 tokens, CFG 4, top-k 2000)
+    python bench/sample.py --presets GPT-B --batches 1 8 --modes eager compiled --cfg 4 --top-k 2000 \\
+        --llamagen /work/.mirror/FoundationVision+LlamaGen/repo --repeats 5
+    # smoke (seconds)
+    python bench/sample.py --presets GPT-tiny --grid 4 --batches 2 --groups 2 --codebook-size 64 --heads parallel ar
 
-Method. Per generated position t the cached decoder costs one 1-token step (attention over the fixed-size cache:
-cost independent of t), the naive one a full forward over the t+1-token prefix. Both are timed at `--points`
-positions spread over the L = grid^2 positions (random codes in the prefix / cache; timing does not depend on
-values) and integrated (trapezoid) into the time for one full image batch ("est" columns). `--full` also times
-the real end-to-end generate() call (and the real naive loop for batches in --naive-batches) to check the
-estimate. Tokens/s counts generated positions of the conditional images (B * L per batch; the CFG uncond half
-is work, not output). Default CPU run: about 2-4 minutes on 2 cores.
+Method. Every cell is a real end-to-end generate() call (class-token prefill + L decode steps, sampling included),
+after one untimed warm-up call (compilation, CUDA-graph capture, allocator). --repeats timed calls per cell are
+interleaved round-robin over all cells of a batch size (and LlamaGen's), so slow phases of a shared machine hit
+every cell alike; the table shows medians. ms/step = call time / L. On the CPU the table also shows the thread's
+CPU time (time.thread_time), which a loaded machine inflates far less than wall time.
+
+Memory floor: the bytes one decode step must read at least (every weight matrix once, the AR head's G times,
+plus the filled half of the KV cache on average), divided by the device's memory bandwidth (GPU: datasheet
+value by name, --bandwidth-gbs overrides; CPU: measured here by summing a 512 MB tensor on the same threads).
+"floor %" = floor / measured ms per step: 100 % means the step is as fast as reading the weights allows.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from generator import GPT, generate  # noqa: E402
-from generator.generate import _combine, sample_logits  # noqa: E402
+
+BANDWIDTH_GBS = {"H200": 4800, "H100 SXM": 3350, "H100 NVL": 3900, "H100 PCIe": 2000, "H100": 3350,
+                 "A100-SXM4-80GB": 2039, "A100 80GB": 1935, "A100": 1555, "L40S": 864, "A10G": 600}
 
 
 def _sync(device):
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
-def _timeit(fn, device, budget_s=0.5, max_rounds=5):
-    """Min over rounds (robust to other load on shared cores); a call slower than budget_s is timed once
-    (the caller warms up first)."""
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()  # also the warm-up
-    _sync(device)
-    best = time.perf_counter() - t0
-    if best > budget_s:
-        return best
-    spent, rounds = 0.0, 0
-    while rounds < max_rounds and spent < budget_s:
+def device_bandwidth(device, threads: int) -> tuple[float, str]:
+    """Bytes/s: the GPU's datasheet bandwidth by name, or the CPU's measured read bandwidth on `threads`."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, gbs in BANDWIDTH_GBS.items():
+            if key in name:
+                return gbs * 1e9, f"{name} datasheet {gbs} GB/s"
+        return float("nan"), f"{name}: unknown bandwidth (pass --bandwidth-gbs)"
+    x = torch.ones(128 * 2**20)  # 512 MB
+    best = float("inf")
+    for _ in range(5):
         t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        dt = time.perf_counter() - t0
-        best, spent, rounds = min(best, dt), spent + dt, rounds + 1
-    return best
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best, f"CPU measured read bandwidth {x.numel() * 4 / best / 1e9:.1f} GB/s ({threads} thread(s))"
 
 
-def _once(fn, device, warmup: bool):
-    if warmup:
-        fn()
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t0
-
-
-def head_and_sample(model, h, prefix_t, B, scale, top_k):
-    """Per-position sampling from backbone features h (N, D); the AR head recomputes its prefix (no cache)."""
+def step_bytes(model: GPT, rows: int, bytes_per: int) -> float:
+    """Least bytes one decode step reads: weight matrices (gathered embedding rows are negligible), the AR head's
+    weights once per sub-token, the KV cache's filled half on average."""
     cfg = model.config
+    numel = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    dense = numel(model.layers) + numel(model.norm)
+    if cfg.input_mode == "projector":
+        dense += numel(model.img_projector)
     if cfg.head == "parallel":
-        lg = model.output(h).view(h.shape[0], cfg.groups, cfg.codebook_size).float()
-        return sample_logits(_combine(lg, B, scale), [1.0] * cfg.groups, [top_k] * cfg.groups, [None] * cfg.groups)
-    tok = torch.zeros(B, cfg.groups, dtype=torch.long, device=h.device)
-    for g in range(cfg.groups):  # reference-style: re-run the whole head on [h, SOS, E(g_<j)] per sub-token
-        lg = model.ar_head(h, tok.repeat(h.shape[0] // B, 1))[:, g].float()
-        tok[:, g] = sample_logits(_combine(lg, B, scale)[:, None], [1.0], [top_k], [None])[:, 0]
-    return tok
-
-
-@torch.inference_mode()
-def naive_step(model, labels, prefix, B, scale, top_k):  # prefix (N, t, G) -> (B, G)
-    x = model.embed_class(labels)
-    if prefix.shape[1]:
-        x = torch.cat([x, model.embed_codes(prefix)], 1)
-    return head_and_sample(model, model.backbone(x)[:, -1], prefix.shape[1], B, scale, top_k)
-
-
-@torch.inference_mode()
-def naive_generate(model, labels, B, scale, top_k):
-    cfg = model.config
-    codes = torch.zeros(labels.shape[0], 0, cfg.groups, dtype=torch.long, device=labels.device)
-    for _ in range(cfg.block_size):
-        tok = naive_step(model, labels, codes, B, scale, top_k)
-        codes = torch.cat([codes, tok.repeat(labels.shape[0] // B, 1)[:, None]], 1)
-    return codes[:B]
-
-
-@torch.inference_mode()
-def cached_step(model, labels, t, B, scale, top_k, G):  # one generate() decode step at position t (cache set up)
-    dev = labels.device
-    if t == 0:
-        h = model.backbone(model.embed_class(labels), torch.tensor([0], device=dev))[:, -1]
+        dense += numel(model.output)
     else:
-        codes = torch.randint(0, model.config.codebook_size, (labels.shape[0], 1, G), device=dev)
-        h = model.backbone(model.embed_codes(codes), torch.tensor([t], device=dev))[:, -1]
+        h = model.ar_head
+        dense += cfg.groups * (numel(h.causal_space_blocks) + numel(h.ln_f) + numel(h.head))
+    kv = cfg.n_layer * 2 * rows * (cfg.n_kv_head or cfg.n_head) * cfg.head_dim * (cfg.block_size / 2)
+    return (dense + kv) * bytes_per
+
+
+# ----------------------------------------------------------------------------------------------------- LlamaGen
+
+
+def load_llamagen(path: str):
+    """LlamaGen's Transformer + generate from a checkout or a bare git mirror (files are never copied into this
+    repository: a mirror is read with `git show` into a temporary folder)."""
+    rel = ["autoregressive/models/gpt.py", "autoregressive/models/generate.py", "utils/drop_path.py"]
+    root = path
+    if not os.path.isfile(os.path.join(path, rel[0])):
+        root = tempfile.mkdtemp(prefix="llamagen-")
+        for r in rel:
+            os.makedirs(os.path.join(root, os.path.dirname(r)), exist_ok=True)
+            src = subprocess.run(["git", "--git-dir", path, "show", f"HEAD:{r}"], check=True, capture_output=True).stdout
+            with open(os.path.join(root, r), "wb") as f:
+                f.write(src)
+        for d in ("autoregressive", "autoregressive/models", "utils"):
+            open(os.path.join(root, d, "__init__.py"), "a").close()
+    sys.path.insert(0, root)
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # LlamaGen's per-step sdp_kernel() context
+    from autoregressive.models.generate import generate as lg_generate
+    from autoregressive.models.gpt import GPT_models
+
+    return GPT_models, lg_generate
+
+
+def llamagen_twin(model: GPT, preset: str, GPT_models):
     cfg = model.config
-    if cfg.head == "parallel":
-        return head_and_sample(model, h, t, B, scale, top_k)
-    tok = torch.zeros(B, G, dtype=torch.long, device=dev)
-    for g in range(G):
-        if g == 0:
-            lg = model.ar_head.prefill(h, torch.arange(2, device=dev))
-        else:
-            lg = model.ar_head.decode(tok[:, g - 1].repeat(labels.shape[0] // B), torch.tensor([g + 1], device=dev))
-        tok[:, g] = sample_logits(_combine(lg.float(), B, scale)[:, None], [1.0], [top_k], [None])[:, 0]
-    return tok
+    if (cfg.groups, cfg.head, cfg.input_mode) != (1, "parallel", "sum"):
+        raise SystemExit("--llamagen needs the LlamaGen layout: --groups 1 --heads parallel (sum input)")
+    if preset not in GPT_models:
+        raise SystemExit(f"--llamagen: LlamaGen has no {preset!r}; valid: {', '.join(GPT_models)}")
+    lg = GPT_models[preset](vocab_size=cfg.codebook_size, block_size=cfg.block_size,
+                                          num_classes=cfg.num_classes, cls_token_num=1, model_type="c2i")
+    missing = lg.load_state_dict(model.state_dict(), strict=True)
+    assert not missing.missing_keys and not missing.unexpected_keys
+    p = next(model.parameters())
+    return lg.to(device=p.device, dtype=p.dtype).eval()
 
 
-def integrate(points, times, L):  # trapezoid over positions 0..L-1 of per-step times sampled at `points`
-    total = 0.0
-    for (p0, t0), (p1, t1) in zip(zip(points, times), zip(points[1:], times[1:])):
-        total += (t0 + t1) / 2 * (p1 - p0)
-    return total + (times[0] + times[-1]) / 2  # the endpoints' own steps
+# --------------------------------------------------------------------------------------------------------- main
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--presets", nargs="+", default=["GPT-tiny", "GPT-B", "GPT-L"])
-    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
-    ap.add_argument("--naive-batches", nargs="+", type=int, default=[1, 8],
-                    help="batches at which to time the naive decoder (it is slow)")
-    ap.add_argument("--naive-presets", nargs="+", default=["GPT-tiny", "GPT-B"])
+    ap.add_argument("--presets", nargs="+", default=["GPT-B"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    ap.add_argument("--heads", nargs="+", default=["parallel"], choices=["parallel", "ar"])
+    ap.add_argument("--modes", nargs="+", default=["eager"], choices=["eager", "compiled"])
     ap.add_argument("--grid", type=int, default=16, help="tokens per side (L = grid^2 = 256 by default)")
     ap.add_argument("--groups", type=int, default=1)
     ap.add_argument("--codebook-size", type=int, default=16384)
-    ap.add_argument("--head", default="parallel", choices=["parallel", "ar"])
-    ap.add_argument("--cfg", type=float, default=2.0)
-    ap.add_argument("--top-k", type=int, default=0)
-    ap.add_argument("--points", type=int, default=3, help="positions sampled per estimate (>= 2)")
-    ap.add_argument("--full", action="store_true", help="also time the real end-to-end generate() (+ naive loop)")
+    ap.add_argument("--input-mode", default="sum", choices=["sum", "projector"])
+    ap.add_argument("--cfg", type=float, default=4.0)
+    ap.add_argument("--top-k", type=int, default=2000)
+    ap.add_argument("--repeats", type=int, default=3, help="timed calls per cell (medians reported)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--compile", action="store_true", help="generate(compile=True) (with --full)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="the model's weights are cast to this dtype (generate runs in the weights' dtype)")
+    ap.add_argument("--bandwidth-gbs", type=float, default=None, help="memory bandwidth for the floor (GB/s)")
+    ap.add_argument("--llamagen", default=None, metavar="PATH",
+                    help="LlamaGen checkout or git mirror: also time its generate() on the same weights")
+    ap.add_argument("--profile", action="store_true",
+                    help="print torch.profiler's top ops of one eager generate() call per batch (and LlamaGen's)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (0 = torch default); 1 by default: on shared CPUs multi-thread timings are erratic")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    L, G = args.grid ** 2, args.groups
-    points = sorted({round(i * (L - 1) / (args.points - 1)) for i in range(args.points)})
-    print(f"device={device} dtype={args.dtype} threads={torch.get_num_threads()} L={L} G={G} K={args.codebook_size} "
-          f"head={args.head} cfg={args.cfg} top_k={args.top_k} compile={args.compile} positions timed={points}")
-    hdr = (f"{'preset':<9} {'params':>7} {'batch':>5} | {'cached tok/s':>12} {'img/s':>8} | {'naive tok/s':>11} "
-           f"{'img/s':>8} | {'speedup':>7} | {'generate() img/s':>16} {'naive loop img/s':>16}")
-    print(hdr)
-    print("-" * len(hdr))
+    L = args.grid ** 2
+    bw, bw_note = device_bandwidth(device, torch.get_num_threads())
+    if args.bandwidth_gbs:
+        bw, bw_note = args.bandwidth_gbs * 1e9, f"--bandwidth-gbs {args.bandwidth_gbs}"
+    lg_models = lg_generate = None
+    if args.llamagen:
+        lg_models, lg_generate = load_llamagen(args.llamagen)
+    cpu = device.type == "cpu"
+    print(f"device={device} dtype={args.dtype} threads={torch.get_num_threads()} torch {torch.__version__} | L={L} "
+          f"G={args.groups} K={args.codebook_size} input={args.input_mode} CFG {args.cfg} top-k {args.top_k} | "
+          f"{bw_note} | medians of {args.repeats} interleaved calls")
+    cols = ["preset", "params", "head", "batch", "mode", "s/call", "ms/step", "img/s", "floor ms", "floor %"]
+    if cpu:
+        cols.append("CPU ms/step")
+    rows = []
+    top_k = args.top_k or None
     for preset in args.presets:
-        torch.manual_seed(0)
-        model = GPT.from_preset(preset, groups=G, codebook_size=args.codebook_size, grid=args.grid, head=args.head)
-        model = model.to(device=device, dtype=dtype).eval()
-        if args.head == "parallel":
-            torch.nn.init.normal_(model.output.weight, std=0.02)  # zero-init head would make every logit equal
-        for B in args.batches:
-            labels = torch.randint(0, 1000, (B,), device=device)
-            lab2 = torch.cat([labels, torch.full_like(labels, 1000)]) if args.cfg != 1.0 else labels
-            N, scale = lab2.shape[0], (args.cfg if args.cfg != 1.0 else None)
-            model.setup_caches(N)
-            for _ in range(2):  # warm-up (allocator, cuBLAS/oneDNN init) so the first timed call is not cold
-                cached_step(model, lab2, 0, B, scale, args.top_k, G)
-                naive_step(model, lab2, lab2.new_zeros(N, 1, G), B, scale, args.top_k)
-            times = [_timeit(lambda: cached_step(model, lab2, t, B, scale, args.top_k, G), device) for t in points]
-            model.clear_caches()
-            cached = integrate(points, times, L)
-            naive = None
-            if B in args.naive_batches and preset in args.naive_presets:
-                ntimes = []
-                for t in points:
-                    prefix = torch.randint(0, args.codebook_size, (N, t, G), device=device)
-                    ntimes.append(_timeit(lambda: naive_step(model, lab2, prefix, B, scale, args.top_k), device))
-                naive = integrate(points, ntimes, L)
-            gen_ips = loop_ips = None
-            if args.full:
-                run = lambda: generate(model, labels, guidance_scale=args.cfg, top_k=args.top_k or None,  # noqa
-                                       compile=args.compile)
-                gen_ips = B / _once(run, device, warmup=True)
-                if naive is not None:
-                    loop_ips = B / _once(lambda: naive_generate(model, lab2, B, scale, args.top_k), device, False)
+        for head in args.heads:
+            torch.manual_seed(0)
+            model = GPT.from_preset(preset, groups=args.groups, codebook_size=args.codebook_size, grid=args.grid,
+                                    head=head, input_mode=args.input_mode,
+                                    codebook=torch.randn(args.groups * args.codebook_size, 4)
+                                    if args.input_mode == "projector" else None,
+                                    codebook_embed_dim=4 * args.groups)
+            if head == "parallel":
+                torch.nn.init.normal_(model.output.weight, std=0.02)  # zero-init head would make every logit equal
+            model = model.to(device=device, dtype=dtype).eval()
+            lg = llamagen_twin(model, preset, lg_models) if args.llamagen else None
+            for B in args.batches:
+                labels = torch.arange(B, device=device) % 1000
+                rows_n = 2 * B if args.cfg != 1.0 else B
+                floor = step_bytes(model, rows_n, torch.finfo(dtype).bits // 8) / bw
+                cells = {}
+                for mode in args.modes:
+                    gen = torch.Generator(device=device).manual_seed(0)
+                    cells[(mode, "ours")] = lambda c=(mode == "compiled"), g=gen: generate(  # noqa: E731
+                        model, labels, guidance_scale=args.cfg, top_k=top_k, generator=g, compile=c)
+                if lg is not None:
+                    def run_lg():
+                        with torch.no_grad():
+                            return lg_generate(lg, labels, L, cfg_scale=args.cfg, cfg_interval=-1, temperature=1.0,
+                                               top_k=args.top_k, top_p=1.0, sample_logits=True)
+                    cells[("eager", "LlamaGen")] = run_lg
+                    # same weights, same model: greedy tokens must agree (a wrong twin would make timings moot)
+                    with torch.no_grad():
+                        a = generate(model, labels, guidance_scale=args.cfg, top_k=1).flatten(1)
+                        b = lg_generate(lg, labels, L, cfg_scale=args.cfg, cfg_interval=-1, top_k=1, top_p=1.0,
+                                        sample_logits=False)
+                    agree = (a == b.to(a.dtype)).float().mean().item()
+                    print(f"  greedy tokens ours vs LlamaGen (B={B}): {100 * agree:.1f}% equal")
+                for fn in cells.values():  # warm-up: compile / capture / allocate
+                    fn()
+                wall = {k: [] for k in cells}
+                cput = {k: [] for k in cells}
+                for _ in range(args.repeats):
+                    for k, fn in cells.items():
+                        _sync(device)
+                        t0, c0 = time.perf_counter(), time.thread_time()
+                        fn()
+                        _sync(device)
+                        wall[k].append(time.perf_counter() - t0)
+                        cput[k].append(time.thread_time() - c0)
+                for (mode, who), ts in wall.items():
+                    s = statistics.median(ts)
+                    r = [preset if who == "ours" else f"{preset} (LlamaGen)", f"{model.num_parameters() / 1e6:.3g}M",
+                         head, B, mode, f"{s:.3g}", f"{1e3 * s / L:.3g}", f"{B / s:.3g}", f"{1e3 * floor:.3g}",
+                         f"{100 * floor / (s / L):.0f}%"]
+                    if cpu:
+                        r.append(f"{1e3 * statistics.median(cput[(mode, who)]) / L:.3g}")
+                    rows.append(r)
+                    print("  " + " | ".join(map(str, r)), flush=True)
+                if lg is not None:
+                    for mode in args.modes:
+                        for what, d in (("wall", wall), ("CPU", cput) if cpu else (None, None)):
+                            if what is None:
+                                continue
+                            ratio = statistics.median(d[("eager", "LlamaGen")]) / statistics.median(d[(mode, "ours")])
+                            print(f"  B={B}: LlamaGen / ours ({mode}) {what} time = {ratio:.2f}x")
+                if args.profile:
+                    from torch.profiler import ProfilerActivity, profile
 
-            def fmt(x, w):
-                return f"{x:>{w}.3g}" if x is not None else f"{'-':>{w}}"
+                    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+                    for (mode, who), fn in cells.items():
+                        if mode != "eager":
+                            continue
+                        with profile(activities=acts) as prof:
+                            fn()
+                        print(f"\nprofile: {who} eager generate(), {preset} B={B} (self time, top ops)")
+                        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+            del model, lg
 
-            print(f"{preset:<9} {model.num_parameters() / 1e6:>6.1f}M {B:>5} | {B * L / cached:>12.4g} "
-                  f"{fmt(B / cached, 8)} | {fmt(B * L / naive if naive else None, 11)} "
-                  f"{fmt(B / naive if naive else None, 8)} | {fmt(naive / cached if naive else None, 6)}x | "
-                  f"{fmt(gen_ips, 16)} {fmt(loop_ips, 16)}", flush=True)
-        del model
+    print(f"\n| {' | '.join(cols)} |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        print(f"| {' | '.join(map(str, r))} |")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,28 @@
 """The one sampler: static KV cache, classifier-free guidance, per-sub-codebook temperature / top-k / top-p.
 
     codes = generate(model, torch.tensor([207, 360]), guidance_scale=4.0, top_k=2000, generator=g)  # (B, h, w, G)
+    codes = generate(model, labels, guidance_scale=4.0, top_k=2000, compile=True)   # GPU: CUDA-graphed decode step
 
-Per call: allocate the backbone KV cache (and the AR head's small (G+1)-slot cache), prefill the class token,
-then decode one position at a time. With CFG the batch is [cond; uncond] (uncond label = num_classes), logits
-are uncond + s * (cond - uncond), and the sampled (sub-)token is fed to both halves.
+Per call: attach the backbone KV cache (and the AR head's small (G+1)-slot cache), prefill the class token, then
+decode one position at a time. With CFG the batch is [cond; uncond] (uncond label = num_classes), logits are
+uncond + s * (cond - uncond), and the sampled (sub-)token is fed to both halves.
+
+Speed (the gpt-fast recipe):
+- the caches are allocated once per (model, batch, dtype, device) and reused by the next call of the same shape
+  (one entry per model, freed with the model or by release_caches(model)); stale entries are never read (a
+  position is written before it is attended to, later positions are masked);
+- one decode step = embed the previous position's tokens -> backbone at one position -> head (the AR head's whole
+  G-sub-token loop, unrolled) -> CFG combine -> per-group temperature / top-k / top-p sampling: one static-shape
+  function of tensors only, which compile= hands to torch.compile (mode "reduce-overhead" on CUDA = one CUDA
+  graph replay per position);
+- sampling needs no host-device sync: the random numbers (uniform noise, drawn from `generator` outside the step)
+  go in as a tensor and a token is argmax(p / E) with E = -log(u) ~ Exp(1) (the exponential race, an exact draw
+  from p); under top-k (and top-p) the race runs over the sorted top-k candidates only. Eager and compiled run
+  the same function on the same noise, so they draw the same tokens up to float rounding of the logits.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Sequence
 
 import torch
@@ -28,42 +43,88 @@ def _per_group(name: str, value: PerGroup, G: int) -> list:
     return [value] * G
 
 
+# ---------------------------------------------------------------------------------------------------------- sampling
+
+
+class _Sampling:
+    """Per-call sampling settings for G' columns: device tensors (inputs of the step) + Python constants (shapes)."""
+
+    def __init__(self, temperature: list, top_k: list, top_p: list, K: int, device):
+        self.K = K
+        self.greedy = tuple(bool((k is not None and int(k) == 1) or (t is not None and float(t) == 0.0))
+                            for k, t in zip(top_k, temperature))
+        self.ks = tuple(0 if (k is None or int(k) <= 0) else min(int(k), K) for k in top_k)
+        self.ps = tuple(1.0 if p is None else float(p) for p in top_p)
+        self.temps = tuple(max(float(1.0 if t is None else t), 1e-5) for t in temperature)
+        self.all_greedy = all(self.greedy)
+        self.any_top_p = any(p < 1.0 for p in self.ps)
+        # filtered draws work on the sorted top-`width` candidates: kmax when every column has a top-k, else all K
+        self.filtered = any(k > 0 for k in self.ks) or self.any_top_p
+        self.width = (max(self.ks) if all(k > 0 for k in self.ks) else K) if self.filtered else K
+        self.tensors = (
+            torch.tensor(self.temps, device=device),  # (G',)
+            torch.tensor([k if k > 0 else self.width for k in self.ks], device=device),  # kept candidates (G',)
+            torch.tensor(self.ps, device=device),  # (G',)
+            torch.tensor(self.greedy, device=device),  # (G',)
+        )
+
+    def column(self, g: int) -> "_Sampling":
+        return _Sampling([self.temps[g]] if not self.greedy[g] else [0.0], [self.ks[g]], [self.ps[g]], self.K,
+                         self.tensors[0].device)
+
+    @property
+    def spec(self) -> tuple:  # the Python constants the step specialises on
+        return self.all_greedy, self.filtered, self.width, self.any_top_p, any(self.greedy)
+
+    def noise(self, rows: int, generator):  # uniform [0, 1) noise for one draw of (rows, G') tokens, or None
+        if self.all_greedy:
+            return None
+        t = self.tensors[0]
+        if isinstance(generator, (list, tuple)):  # one generator per row (image): each row its own stream
+            return torch.stack([torch.rand(len(self.ks), self.width, device=g.device, generator=g)
+                                for g in generator]).to(t.device)
+        return torch.rand(rows, len(self.ks), self.width, device=t.device, generator=generator)
+
+
+def _draw(logits, noise, tensors, spec):
+    """Tokens (N, G') from logits (N, G', K) float32 and uniform noise (N, G', width); no host sync, static shapes."""
+    all_greedy, filtered, width, any_top_p, any_greedy = spec
+    if all_greedy:
+        return logits.argmax(-1)
+    temps, kept, top_p, greedy = tensors
+    N, Gp, K = logits.shape
+    scaled = logits / temps.view(1, Gp, 1)
+    race = -torch.log(noise)  # Exp(1) (inf where u = 0: that candidate never wins)
+    if filtered:
+        vals, idx = torch.topk(scaled, width, dim=-1)  # sorted, descending
+        rank = torch.arange(width, device=logits.device).view(1, 1, width)
+        vals = vals.masked_fill(rank >= kept.view(1, Gp, 1), float("-inf"))  # per-column top-k
+        if any_top_p:  # keep the smallest prefix whose mass reaches top_p (the best candidate always stays)
+            probs = vals.softmax(-1)
+            exclusive = probs.cumsum(-1) - probs
+            vals = vals.masked_fill(exclusive > top_p.view(1, Gp, 1), float("-inf"))
+        choice = (vals.softmax(-1) / race).argmax(-1, keepdim=True)  # (N, G', 1)
+        out = idx.gather(-1, choice).squeeze(-1)
+    else:
+        out = (scaled.softmax(-1) / race).argmax(-1)
+    if any_greedy:
+        out = torch.where(greedy.view(1, Gp), logits.argmax(-1), out)
+    return out
+
+
 def sample_logits(logits, temperature, top_k, top_p, generator=None):
     """Sample from logits (N, G', K) with one temperature / top_k / top_p per column g (lists of length G').
 
     top_k: None/0 = off, 1 = greedy (argmax); top_p: None/>=1 = off (HF semantics: keep the smallest set whose
     probability reaches top_p, always at least the best token); temperature 0 = greedy. Returns (N, G') int64.
+    The same draw generate() makes at every position.
     """
     N, Gp, K = logits.shape
-    logits = logits.float()
-    greedy = [(k is not None and int(k) == 1) or (t is not None and float(t) == 0.0) for k, t in zip(top_k, temperature)]
-    if all(greedy):
-        return logits.argmax(-1)
-    temps = torch.tensor([max(float(1.0 if t is None else t), 1e-5) for t in temperature], device=logits.device)
-    logits = logits / temps[:, None]
-    ks = [0 if (k is None or int(k) <= 0) else min(int(k), K) for k in top_k]
-    if any(k > 0 for k in ks):
-        kmax = max(ks)
-        topv = torch.topk(logits, kmax, dim=-1).values  # (N, G', kmax)
-        kidx = torch.tensor([k - 1 if k > 0 else kmax - 1 for k in ks], device=logits.device)
-        thresh = topv.gather(-1, kidx.view(1, Gp, 1).expand(N, Gp, 1))  # (N, G', 1)
-        active = torch.tensor([k > 0 for k in ks], device=logits.device).view(1, Gp, 1)
-        logits = logits.masked_fill(active & (logits < thresh), float("-inf"))
-    ps = [1.0 if p is None else float(p) for p in top_p]
-    if any(p < 1.0 for p in ps):
-        sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        exclusive = probs.cumsum(-1) - probs  # mass strictly before each token
-        pt = torch.tensor(ps, device=logits.device).view(1, Gp, 1)
-        remove_sorted = exclusive > pt  # the best token always stays (exclusive = 0)
-        remove = torch.zeros_like(remove_sorted).scatter(-1, sorted_idx, remove_sorted)
-        logits = logits.masked_fill(remove, float("-inf"))
-    probs = logits.softmax(-1)
-    out = torch.multinomial(probs.view(-1, K), 1, generator=generator).view(N, Gp)
-    if any(greedy):
-        g = torch.tensor(greedy, device=logits.device).view(1, Gp)
-        out = torch.where(g, logits.argmax(-1), out)
-    return out
+    s = _Sampling(list(temperature), list(top_k), list(top_p), K, logits.device)
+    return _draw(logits.float(), s.noise(N, generator), s.tensors, s.spec)
+
+
+# ------------------------------------------------------------------------------------------------------ decode step
 
 
 def _cfg_scale(t: int, L: int, scale: float, interval: int | None, schedule: str) -> float | None:
@@ -79,18 +140,99 @@ def _cfg_scale(t: int, L: int, scale: float, interval: int | None, schedule: str
     return scale
 
 
-def _combine(logits, B: int, s: float | None):  # (2B, ...) -> (B, ...)
+def _combine(logits, B: int, s):  # (2B, ...) -> (B, ...); s: None (cond only), a float or a 0-d tensor
     cond, uncond = logits[:B], logits[B:]
     return cond if s is None else uncond + s * (cond - uncond)
 
 
-def _backbone_step(model: GPT, codes, input_pos):  # codes (N, 1, G) -> normed hidden (N, D)
-    return model.backbone(model.embed_codes(codes), input_pos)[:, -1]
+def _head_and_draw(model: GPT, h, pos, noise, scale, samp_tensors, spec, eager: bool = False):
+    """Backbone features h (N, D) of one position -> tokens (B, G) [, guided logits (B, G, K) float32].
 
-
-def _parallel_logits(model: GPT, h):  # (N, D) -> (N, G, K)
+    spec = (B, guided, want_logits, sampling spec, per-column sampling specs of the AR head, N // B).
+    eager: the AR head attends to its filled cache slots only (static full-cache shapes otherwise)."""
+    B, guided, want_logits, sspec, col_specs, _ = spec
     cfg = model.config
-    return model.output(h).view(h.shape[0], cfg.groups, cfg.codebook_size)
+    N, G, K = h.shape[0], cfg.groups, cfg.codebook_size
+    if cfg.head == "parallel":
+        logits = model.output(h).view(N, G, K).float()
+        logits = _combine(logits, B, scale if guided else None)
+        tok = _draw(logits, noise, samp_tensors, sspec)
+        return (tok, logits) if want_logits else (tok, None)
+    toks, seen = [], []
+    ar = model.ar_head
+    for g in range(G):  # the AR head's G sub-tokens, each from a 1-slot cached step over (G+1) slots
+        if g == 0:
+            lg = ar.prefill(h, pos[:2], 2 if eager else None)
+        else:
+            lg = ar.decode(toks[-1].repeat(N // B), pos[g + 1:g + 2], g + 2 if eager else None)
+        lg = _combine(lg.float(), B, scale if guided else None)  # (B, K)
+        col = tuple(t[g:g + 1] for t in samp_tensors)
+        width = col_specs[g][2]  # <= the noise width (the widest column's)
+        toks.append(_draw(lg[:, None], None if noise is None else noise[:, g:g + 1, :width], col, col_specs[g])[:, 0])
+        seen.append(lg)
+    tok = torch.stack(toks, 1)
+    return (tok, torch.stack(seen, 1)) if want_logits else (tok, None)
+
+
+def _decode_step(model: GPT, prev, pos_t, pos, noise, scale, samp_tensors, spec, kv_len: int | None = None):
+    """One position: tokens of the previous position prev (B, G) -> this position's tokens (B, G).
+
+    Every argument that changes from step to step is a tensor (prev, the position pos_t (1,), noise, scale);
+    spec holds only Python constants, so torch.compile traces one graph per sampling setting (kv_len=None: the
+    static full-cache attention). Eager calls pass kv_len = pos_t + 1 to attend to the filled prefix only."""
+    reps = spec[5]  # 2 with CFG: the same sub-tokens go to the cond and the uncond half
+    x = model.embed_codes((prev if reps == 1 else prev.repeat(reps, 1))[:, None])  # (N, 1, D)
+    h = model.backbone(x, pos_t, kv_len)[:, -1]
+    return _head_and_draw(model, h, pos, noise, scale, samp_tensors, spec, eager=kv_len is not None)
+
+
+# ----------------------------------------------------------------------------------------------------------- caches
+
+_CACHES: "weakref.WeakKeyDictionary[GPT, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _attention_modules(model: GPT) -> list:
+    mods = [layer.attention for layer in model.layers]
+    if model.config.head == "ar":
+        mods += [blk.attention for blk in model.ar_head.causal_space_blocks]
+    return mods
+
+
+def _attach_caches(model: GPT, rows: int, dtype, device, static: bool) -> None:
+    """Attach the model's KV caches for `rows` sequences, reusing the last ones when (rows, dtype, device) match."""
+    key = (rows, dtype, torch.device(device))
+    mods = _attention_modules(model)
+    entry = _CACHES.get(model)
+    if entry is not None and entry[0] == key:
+        for m, c in zip(mods, entry[1]):
+            m.kv_cache = c
+        return
+    _CACHES.pop(model, None)  # free the old shape before allocating the new one
+    model.setup_caches(rows, dtype=dtype, device=device)
+    caches = [m.kv_cache for m in mods]
+    if static:  # fixed addresses: a captured CUDA graph reads and writes these very buffers on every replay
+        for c in caches:
+            for buf in (c.k_cache, c.v_cache, c.mask):
+                torch._dynamo.mark_static_address(buf)
+    _CACHES[model] = (key, caches)
+
+
+def release_caches(model: GPT) -> None:
+    """Free the KV caches generate() keeps for `model` (they are otherwise reused by the next same-shape call)."""
+    _CACHES.pop(model, None)
+    model.clear_caches()
+
+
+_COMPILED: dict = {}
+
+
+def _compiled_step(mode: str | None):
+    if mode not in _COMPILED:
+        _COMPILED[mode] = torch.compile(_decode_step, mode=mode, fullgraph=True, dynamic=False)
+    return _COMPILED[mode]
+
+
+# ---------------------------------------------------------------------------------------------------------- generate
 
 
 @torch.no_grad()
@@ -103,8 +245,9 @@ def generate(
     top_p: PerGroup = None,
     cfg_interval: int | None = None,
     cfg_schedule: str = "constant",
-    generator: torch.Generator | None = None,
-    compile: bool = False,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    compile: bool | str = False,
+    dtype: torch.dtype | str | None = None,
     progress: bool = False,
     return_logits: bool = False,
 ):
@@ -112,17 +255,38 @@ def generate(
 
     guidance_scale: CFG scale s (1.0 = no uncond half). temperature / top_k / top_p: a scalar or a list of G
     values (one per sub-codebook); top_k=1 is greedy. cfg_interval: LlamaGen semantics (see _cfg_scale).
-    cfg_schedule: "constant" | "linear". generator: torch.Generator on the model's device.
-    compile: torch.compile the one-position decode step (and the AR-head steps).
+    cfg_schedule: "constant" | "linear". generator: torch.Generator on the model's device, or a list of B
+    generators (one per image; fastest on the model's device): image i's noise then comes from generator i alone,
+    so it is the same image whatever else is in the batch (up to batch-size-dependent rounding of the logits).
+    compile: False = eager (default); True = torch.compile the decode step ("reduce-overhead", i.e. CUDA graphs,
+    on CUDA; inductor's default mode on CPU); or a torch.compile mode string. The first call per (model, batch,
+    sampling setting) pays the compile time; later calls reuse the graph and the KV caches.
+    dtype: compute dtype. None = the model's parameter dtype (fastest: cast the model itself, e.g.
+    GPT.from_pretrained(..., dtype=torch.bfloat16)); a lower precision than the weights runs the whole call under
+    torch.autocast (weights cast once per call) with the KV cache in that dtype.
     return_logits: also return the (guided, unfiltered) logits the sampler saw, (B, h, w, G, K) float32.
     """
     cfg = model.config
     G, K, L = cfg.groups, cfg.codebook_size, cfg.block_size
     if cfg_schedule not in ("constant", "linear"):
         raise ValueError(f"cfg_schedule={cfg_schedule!r}: valid: 'constant', 'linear'")
+    if compile not in (True, False) and compile not in ("default", "reduce-overhead", "max-autotune",
+                                                        "max-autotune-no-cudagraphs"):
+        raise ValueError(f"compile={compile!r}: valid: False, True, 'default', 'reduce-overhead', 'max-autotune', "
+                         f"'max-autotune-no-cudagraphs'")
     temps, topks, topps = (_per_group(n, v, G) for n, v in (("temperature", temperature), ("top_k", top_k),
                                                            ("top_p", top_p)))
-    device = next(model.parameters()).device
+    param = next(model.parameters())
+    device = param.device
+    if isinstance(dtype, str):
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype={dtype!r}: valid: 'float32', 'bfloat16', 'float16' (or a torch.dtype)")
+        dtype = getattr(torch, dtype)
+    compute_dtype = dtype or param.dtype
+    autocast = compute_dtype != param.dtype
+    if autocast and compute_dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype={compute_dtype}: the model's weights are {param.dtype}; a different compute dtype "
+                         f"must be torch.bfloat16 or torch.float16 (or cast the model: model.to(dtype))")
     labels = torch.as_tensor(class_labels, device=device).long().view(-1)
     if labels.numel() == 0 or labels.min() < 0 or labels.max() > cfg.num_classes:
         raise ValueError(f"class_labels must be in [0, {cfg.num_classes}] (num_classes = null class); got {labels.tolist()}")
@@ -131,14 +295,23 @@ def generate(
     if use_cfg:
         labels = torch.cat([labels, torch.full_like(labels, cfg.num_classes)])
     N = labels.shape[0]
+    if isinstance(generator, (list, tuple)) and len(generator) != B:
+        raise ValueError(f"generator: a list needs one torch.Generator per image ({B}), got {len(generator)}")
 
-    step = _backbone_step
-    ar_prefill, ar_decode = (model.ar_head.prefill, model.ar_head.decode) if cfg.head == "ar" else (None, None)
+    samp = _Sampling(temps, topks, topps, K, device)
+    col_specs = tuple(samp.column(g).spec for g in range(G)) if cfg.head == "ar" else ()
+    scales = [_cfg_scale(t, L, float(guidance_scale), cfg_interval, cfg_schedule) if use_cfg else None
+              for t in range(L)]
+    scale_t = torch.tensor([1.0 if s is None else s for s in scales], device=device)  # (L,), read as views
+    pos = torch.arange(L + 1, device=device)  # input positions, read as views (no per-step host->device copy)
+
+    def spec(t: int) -> tuple:
+        return B, scales[t] is not None, return_logits, samp.spec, col_specs, N // B
+
+    step = _decode_step
     if compile:
-        step = torch.compile(_backbone_step, fullgraph=True, dynamic=False)
-        if cfg.head == "ar":
-            ar_prefill = torch.compile(ar_prefill, fullgraph=True, dynamic=False)
-            ar_decode = torch.compile(ar_decode, fullgraph=True, dynamic=False)
+        mode = compile if isinstance(compile, str) else ("reduce-overhead" if device.type == "cuda" else None)
+        step = _compiled_step(None if mode == "default" else mode)
 
     was_training = model.training
     model.eval()
@@ -149,37 +322,26 @@ def generate(
         from tqdm import tqdm
 
         positions = tqdm(positions, desc="generate", total=L)
+    amp = torch.autocast(device.type, dtype=compute_dtype, enabled=autocast)
     try:
-        model.setup_caches(N, device=device)
-        h = model.backbone(model.embed_class(labels), torch.tensor([0], device=device))[:, -1]  # (N, D)
-        for t in positions:
-            s = _cfg_scale(t, L, float(guidance_scale), cfg_interval, cfg_schedule) if use_cfg else None
-            if cfg.head == "parallel":
-                logits = _parallel_logits(model, h).float()  # (N, G, K)
-                logits = _combine(logits, B, s) if use_cfg else logits
-                tok = sample_logits(logits, temps, topks, topps, generator)  # (B, G)
+        _attach_caches(model, N, compute_dtype, device, static=bool(compile))
+        with amp:
+            for t in positions:
+                noise = samp.noise(B, generator)
+                if t == 0:  # the class token (once per call: eager)
+                    h = model.backbone(model.embed_class(labels), pos[:1], 1)[:, -1]
+                    tok, lg = _head_and_draw(model, h, pos, noise, scale_t[0], samp.tensors, spec(0), eager=True)
+                elif compile:
+                    tok, lg = step(model, out[:, t - 1], pos[t:t + 1], pos, noise, scale_t[t], samp.tensors,
+                                   spec(t))
+                else:
+                    tok, lg = step(model, out[:, t - 1], pos[t:t + 1], pos, noise, scale_t[t], samp.tensors,
+                                   spec(t), t + 1)
+                out[:, t] = tok
                 if seen is not None:
-                    seen[:, t] = logits
-            else:
-                tok = torch.empty(B, G, dtype=torch.long, device=device)
-                for g in range(G):
-                    if g == 0:
-                        lg = ar_prefill(h, torch.arange(2, device=device))
-                    else:
-                        prev = tok[:, g - 1].repeat(N // B)
-                        lg = ar_decode(prev, torch.tensor([g + 1], device=device))
-                    lg = lg.float()
-                    lg = _combine(lg, B, s) if use_cfg else lg  # (B, K)
-                    tok[:, g] = sample_logits(lg[:, None], temps[g:g + 1], topks[g:g + 1], topps[g:g + 1],
-                                              generator)[:, 0]
-                    if seen is not None:
-                        seen[:, t, g] = lg
-            out[:, t] = tok
-            if t + 1 < L:
-                nxt = tok.repeat(N // B, 1)[:, None]  # (N, 1, G): same sub-tokens for both CFG halves
-                h = step(model, nxt, torch.tensor([t + 1], device=device))
+                    seen[:, t] = lg
     finally:
-        model.clear_caches()
+        model.clear_caches()  # detach (the tensors stay in _CACHES for the next call)
         model.train(was_training)
     out = out.view(B, cfg.grid, cfg.grid, G)
     if return_logits:
