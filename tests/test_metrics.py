@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -287,3 +289,24 @@ def test_inception_weights_no_download_and_bad_files(tmp_path, monkeypatch):
     torch.save({"fc.weight": torch.zeros(3)}, tmp_path / "wrong.pth")
     with pytest.raises(ValueError, match="is not torch-fidelity's weights-inception"):
         M.InceptionFeatures(tmp_path / "wrong.pth")
+
+
+def test_inception_download_is_atomic(tmp_path, monkeypatch):
+    """torch.hub's downloader writes to '<name>.part' next to the destination; only a finished file is renamed."""
+    dst = tmp_path / "hub" / "checkpoints" / M.INCEPTION_WEIGHTS_NAME
+    seen = []
+
+    def torn(url, path, progress=True):
+        seen.append((url, path))
+        Path(path).write_bytes(b"half a file")
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", torn)
+    with pytest.raises(ConnectionResetError):
+        M._download_file(M.INCEPTION_WEIGHTS_URL, dst)
+    assert seen == [(M.INCEPTION_WEIGHTS_URL, str(dst) + ".part")]
+    assert not dst.exists() and not Path(str(dst) + ".part").exists()  # nothing torn is left to be picked up
+    monkeypatch.setattr(torch.hub, "download_url_to_file",
+                        lambda url, path, progress=True: Path(path).write_bytes(b"ok"))
+    M._download_file(M.INCEPTION_WEIGHTS_URL, dst)
+    assert dst.read_bytes() == b"ok" and sorted(p.name for p in dst.parent.iterdir()) == [dst.name]
