@@ -11,9 +11,10 @@ module level (only the CLIs' `main(argv)` builds a pipeline / tokenizer lazily).
 
 Inception weights
     torch-fidelity's `weights-inception-2015-12-05-6726825d.pth` (the FID Inception graph ported to PyTorch). It is not
-    in any registry package. `--inception-weights auto` (the default) uses $TORCH_HOME/hub/checkpoints/ if the file is
-    there, else downloads it there; when it cannot, the error says what failed, the URL to fetch and where to put
-    it. `--inception-weights FILE` uses that file. Missing weights fail at once, before any sampling.
+    in any registry package. `--inception-weights auto` (evaluate-generation's default; evaluate-tokenizer skips rFID
+    without a file unless given `auto`) uses $TORCH_HOME/hub/checkpoints/ if the file is there, else downloads it
+    there; when it cannot, the error says what failed, the URL to fetch and where to put it.
+    `--inception-weights FILE` uses that file. Missing weights fail at once, before any sampling.
     `metrics.save_random_inception_weights` writes random weights in the same format to exercise the code path
     offline: numbers from them are NOT FID/IS.
 
