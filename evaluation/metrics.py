@@ -353,7 +353,7 @@ def _describe_download_error(e: BaseException) -> str:
         return f"the server answered HTTP {e.code} {e.reason}"
     if isinstance(reason, socket.gaierror) or isinstance(e, socket.gaierror):
         host = INCEPTION_WEIGHTS_URL.split("/")[2]
-        return f"the host name {host} could not be resolved ({reason or e}): no DNS / no route to the internet here"
+        return f"the host name {host} could not be resolved ({reason or e}; a DNS failure)"
     if isinstance(reason, (ConnectionError, TimeoutError, socket.timeout)):
         return f"the connection failed ({type(reason).__name__}: {reason})"
     if isinstance(e, OSError) and not isinstance(e, urllib.error.URLError):
