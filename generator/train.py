@@ -36,16 +36,16 @@ import torch
 import torch.nn as nn
 
 from runtime import checkpoint as ckpt
-from runtime.accel import PRECISIONS, build_accelerator, configure_deepspeed, is_deepspeed, launched_rank, zero_stage
+from runtime.accel import build_accelerator, configure_deepspeed, is_deepspeed, launched_rank, zero_stage
 from runtime.config import load_config as _load_config
-from runtime.config import to_dict
+from runtime.config import RunConfig, to_dict
 from runtime.ema import EMA
 from runtime.fingerprint import check_same_tokenizer
 from runtime.grid import save_grid, to_uint8
 from runtime.guard import NonFiniteGuard
 from runtime.io import write_json
 from runtime.metrics import MetricLogger, select_trackers
-from runtime.optim import LR_SCHEDULES, build_adamw, lr_at, set_lr
+from runtime.optim import build_adamw, lr_at, set_lr
 from runtime.outdir import RunLock, check_output_dir
 
 from .model import GPT, PRESETS, GPTConfig
@@ -65,46 +65,24 @@ EXAMPLE = """examples:
 
 
 @dataclass
-class TrainConfig:
-    # model
-    model: str = "GPT-B"  # preset name (generator.model.PRESETS)
-    model_overrides: dict = field(default_factory=dict)  # GPTConfig fields: dropouts, head, input_mode, ...
-    init_from: str | None = None  # start from a save_pretrained folder instead of a fresh init
+class TrainConfig(RunConfig):
+    """runtime.config.RunConfig (the fields both stages share) + the generator's own; new defaults below."""
+
+    model: str = "GPT-B"  # preset name (generator.model.PRESETS); model_overrides: GPTConfig fields
     codebook: str | None = None  # input_mode=projector: a tokenizer folder, or a safetensors file (G, K, C/G)
     compile: bool = False  # regional torch.compile of the blocks (generator.perf)
     activation_checkpointing: str = "none"  # none | full | selective | alternate (generator.perf)
-    # data
     data: str = "synthetic"  # code-shard dir (meta.json + Parquet) or "synthetic"
     view: str = "random"  # "random" or an int view index (0 = centre crop)
     synthetic_size: int = 4096  # items in the synthetic dataset (codes drawn around one template per class)
     synthetic_meta: dict = field(default_factory=dict)  # data=synthetic only: groups/codebook_size/grid/num_classes
     num_workers: int = 2
-    # optimisation (LlamaGen recipe)
-    global_batch_size: int = 256
-    batch_size: int = 32  # per device micro-batch; accumulation = global / (batch_size * world)
-    steps: int | None = None  # total optimizer steps; overrides epochs
-    epochs: int = 300
-    lr: float = 1e-4
-    lr_schedule: str = "constant"  # "constant" | "cosine"
-    warmup_steps: int = 0
-    min_lr: float = 0.0  # cosine floor
-    betas: tuple = (0.9, 0.95)
-    eps: float = 1e-8
-    weight_decay: float = 0.05
-    grad_clip: float = 1.0
-    precision: str = "auto"  # auto (launcher's choice, else bf16 on GPUs with bf16, fp32 elsewhere) | bf16 | fp32
-    ema: bool = False
-    ema_decay: float = 0.9999
+    global_batch_size: int = 256  # accumulation = global / (batch_size * world)
+    epochs: int = 300  # used when steps is null
+    weight_decay: float = 0.05  # on >= 2-D parameters only (GPT.param_groups)
     deepspeed: str | None = None  # DeepSpeed JSON when not launched with an accelerate DeepSpeed config
-    max_nonfinite: int = 10
-    seed: int = 0
-    # run
     out_dir: str = "runs/generator"
-    resume: str = "auto"  # "auto" (latest checkpoint in out_dir/checkpoints) | "none" | a checkpoint dir
-    save_every: int = 1000  # steps
     keep_checkpoints: int = 3
-    log_every: int = 10
-    log_with: str = "tensorboard"  # tensorboard | wandb | mlflow | none (comma-separated for several)
     sample_every: int = 5000  # 0 = only at the end
     sample_classes: list | None = None  # default: the first 8 classes
     sample_cfg_scale: float = 4.0
@@ -136,9 +114,8 @@ class TrainConfig:
         return d
 
     def __post_init__(self):
-        def bad(name, why):
-            raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}: {why}")
-
+        self.check()
+        bad = self.bad
         if self.model not in PRESETS:
             bad("model", f"unknown preset; valid: {', '.join(PRESETS)}")
         types = {f.name: str(f.type) for f in fields(GPTConfig)}
@@ -147,25 +124,11 @@ class TrainConfig:
             bad("model_overrides", f"unknown GPTConfig field(s) {unknown}; valid: {sorted(types)}")
         self.model_overrides = {k: float(v) if types[k].startswith("float") and isinstance(v, int)
                                 and not isinstance(v, bool) else v for k, v in self.model_overrides.items()}
-        for name in ("global_batch_size", "batch_size", "epochs", "save_every", "keep_checkpoints", "log_every",
-                     "max_nonfinite", "synthetic_size"):
+        for name in ("global_batch_size", "epochs", "synthetic_size"):
             if int(getattr(self, name)) < 1:
                 bad(name, "must be >= 1")
-        if self.steps is not None and self.steps < 1:
-            bad("steps", "must be >= 1 (or null to use epochs)")
         if self.global_batch_size % self.batch_size:
             bad("global_batch_size", f"must be a multiple of batch_size={self.batch_size}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            bad("lr_schedule", f"valid: {', '.join(map(repr, LR_SCHEDULES))}")
-        if self.precision not in PRECISIONS:
-            bad("precision", f"valid: {', '.join(map(repr, PRECISIONS))}")
-        self.betas = tuple(float(b) for b in self.betas)
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            bad("betas", "must be two numbers in [0, 1)")
-        if not 0.0 <= self.ema_decay < 1.0:
-            bad("ema_decay", "must be in [0, 1)")
-        if self.lr <= 0 or self.grad_clip < 0 or self.weight_decay < 0:
-            bad("lr", "lr must be > 0, grad_clip and weight_decay >= 0")
         if not self.sample_cfg_scale >= 0:
             bad("sample_cfg_scale", "must be >= 0 (1.0 = no guidance)")
         if not self.sample_temperature >= 0:
@@ -185,7 +148,6 @@ class TrainConfig:
 
         if self.activation_checkpointing not in CHECKPOINTING:
             bad("activation_checkpointing", f"valid: {', '.join(map(repr, CHECKPOINTING))}")
-        select_trackers(self.log_with)
 
 
 def load_config(path: str | None = None, overrides: list[str] | dict | None = None) -> TrainConfig:

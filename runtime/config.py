@@ -150,3 +150,80 @@ def to_dict(cfg) -> dict:
         return v
 
     return {k: plain(v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+# ---- the vocabulary both training stages share ---------------------------------------------------------------------
+@dataclasses.dataclass
+class RunConfig:
+    """Fields every training stage has, with one name and one meaning (each stage's TrainConfig extends this and may
+    change a default). Validation of these fields lives here too: `check()` from the subclass's __post_init__."""
+
+    # model
+    model: str = ""  # a preset name of the stage's model
+    model_overrides: dict = dataclasses.field(default_factory=dict)  # config fields over the preset (dotted keys ok)
+    init_from: str | None = None  # a save_pretrained folder to start from instead of the preset
+    # data
+    data: str = ""
+    num_workers: int = 0
+    batch_size: int = 32  # per process (per device micro-batch)
+    steps: int | None = None  # total optimizer steps (else from epochs)
+    # optimisation
+    lr: float = 1e-4
+    lr_schedule: str = "constant"  # constant | cosine
+    warmup_steps: int = 0
+    min_lr: float = 0.0  # cosine floor
+    betas: tuple = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    precision: str = "auto"  # auto (launcher's choice, else bf16 where supported, else fp32) | bf16 | fp16 | fp32
+    ema: bool = False
+    ema_decay: float = 0.9999
+    max_nonfinite: int = 10  # non-finite steps in a row that stop the run
+    seed: int = 0
+    # run
+    out_dir: str = "runs/run"
+    resume: str | None = "auto"  # auto (newest checkpoint in out_dir, if any) | none | a checkpoint folder
+    save_every: int = 1000  # checkpoint every N steps, and always at the end
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    log_with: str = "tensorboard"  # tensorboard | wandb | mlflow | none (comma-separated for several)
+    sample_every: int = 500
+
+    def bad(self, name: str, valid: str):
+        raise ValueError(f"training config: {name}={getattr(self, name)!r} is invalid; {valid}")
+
+    def check(self) -> None:
+        from .accel import PRECISIONS
+        from .metrics import select_trackers
+        from .optim import LR_SCHEDULES
+
+        for name in ("batch_size", "log_every", "save_every", "keep_checkpoints", "max_nonfinite"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                self.bad(name, "must be an integer >= 1")
+        for name in ("num_workers", "warmup_steps", "sample_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                self.bad(name, "must be an integer >= 0")
+        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
+            self.bad("steps", "must be an integer >= 1 (or null)")
+        if not self.lr > 0:
+            self.bad("lr", "must be > 0")
+        if self.lr_schedule not in LR_SCHEDULES:
+            self.bad("lr_schedule", f"valid: {', '.join(LR_SCHEDULES)}")
+        self.betas = tuple(float(b) for b in self.betas)
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            self.bad("betas", "must be two numbers in [0, 1)")
+        if self.weight_decay < 0 or self.grad_clip < 0 or self.min_lr < 0:
+            self.bad("weight_decay" if self.weight_decay < 0 else "grad_clip" if self.grad_clip < 0 else "min_lr",
+                     "must be >= 0")
+        if not 0 < self.ema_decay < 1:
+            self.bad("ema_decay", "must be in (0, 1)")
+        if self.precision in (False, "no"):  # YAML 1.1 reads a bare `no` as false; accelerate's spelling of fp32
+            self.precision = "fp32"
+        if self.precision not in PRECISIONS:
+            self.bad("precision", f"valid: {', '.join(PRECISIONS)}")
+        if self.resume in (None, ""):
+            self.resume = "none"
+        if not isinstance(self.model_overrides, dict):
+            self.bad("model_overrides", "must be a mapping")
+        select_trackers(self.log_with)

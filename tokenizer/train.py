@@ -36,15 +36,15 @@ from pathlib import Path
 import torch
 
 from runtime import checkpoint as ckpt
-from runtime.accel import PRECISIONS, build_accelerator, launched_rank
+from runtime.accel import build_accelerator, launched_rank
 from runtime.config import load_config as _load_config
-from runtime.config import to_dict
+from runtime.config import RunConfig, to_dict
 from runtime.ema import EMA
 from runtime.grid import reconstruction_labels, save_grid, to_uint8
 from runtime.guard import NonFiniteGuard
 from runtime.io import write_json
 from runtime.metrics import MetricLogger, select_trackers
-from runtime.optim import LR_SCHEDULES, build_adamw, lr_at, set_lr
+from runtime.optim import build_adamw, lr_at, set_lr
 from runtime.outdir import RunLock, check_output_dir
 from tokenizer.data import ResumableBatchSampler, build_dataset, collate, legacy_source
 from tokenizer.losses import LossConfig, TokenizerLoss
@@ -52,12 +52,10 @@ from tokenizer.model import MGVQTokenizer, TokenizerConfig
 
 
 @dataclass
-class TrainConfig:
-    # model
-    model: str = "mgvq-tiny"  # a preset of tokenizer.model (see PRESETS)
-    model_overrides: dict = field(default_factory=dict)  # TokenizerConfig fields; dotted keys, e.g. {"vqgan.ch": 16}
-    init_from: str | None = None  # a save_pretrained folder to start from (fine-tuning) instead of the preset
-    # data
+class TrainConfig(RunConfig):
+    """runtime.config.RunConfig (the fields both stages share) + the tokenizer's own; new defaults below."""
+
+    model: str = "mgvq-tiny"  # a preset of tokenizer.model (see PRESETS); model_overrides e.g. {"vqgan.ch": 16}
     data: str = "skimage"  # skimage | image folder | IDX folder | datasets folder / parquet | hf:name
     data_split: str | None = None
     image_column: str | None = None
@@ -65,88 +63,40 @@ class TrainConfig:
     augmentation: str | None = None  # random_crop | center_crop | resize; None: the source's default
     num_crops: int = 4096  # data=skimage: number of random crops
     image_size: int | None = None  # None: the model config's image_size
-    num_workers: int = 0
-    # optimisation
-    batch_size: int = 32  # per process
-    steps: int | None = None  # total training steps (global)...
-    epochs: float | None = None  # ...or epochs over the dataset (exactly one of steps / epochs)
-    lr: float = 1e-4
-    disc_lr: float | None = None  # None: lr
-    lr_schedule: str = "constant"  # constant | cosine (both optimizers)
-    warmup_steps: int = 0
-    min_lr: float = 0.0  # cosine floor
-    betas: tuple = (0.9, 0.95)
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    epochs: float | None = None  # epochs over the dataset (exactly one of steps / epochs)
+    disc_lr: float | None = None  # PatchGAN lr; None: lr
     loss: dict = field(default_factory=dict)  # LossConfig fields
-    ema: bool = False
-    ema_decay: float = 0.9999
-    precision: str = "auto"  # auto (launcher's choice, else bf16 where supported, else fp32) | bf16 | fp16 | fp32
-    max_nonfinite: int = 10
-    # run
     out_dir: str = "runs/tokenizer"
-    resume: str | None = "auto"  # auto: newest checkpoint in out_dir if any | none | a checkpoint folder
-    save_every: int = 1000  # checkpoint (resumable) every N steps, and always at the end
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    log_with: str = "tensorboard"  # tensorboard | wandb | mlflow | none (comma-separated for several)
-    sample_every: int = 500
-    num_samples: int = 8
+    num_samples: int = 8  # images in the reconstruction grids
     lpips_dir: str | None = None
-    seed: int = 0
 
     RENAMED = {"mixed_precision": "precision"}  # old name -> new name (still accepted, with a deprecation message)
 
     def __post_init__(self):
-        def bad(name, valid):
-            raise ValueError(f"train config: {name}={getattr(self, name)!r} is invalid; {valid}")
-
         if (self.steps is None) == (self.epochs is None):
-            raise ValueError(f"train config: give exactly one of steps / epochs, got steps={self.steps!r}, "
+            raise ValueError(f"training config: give exactly one of steps / epochs, got steps={self.steps!r}, "
                              f"epochs={self.epochs!r}")
-        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
-            bad("steps", "must be an integer >= 1")
+        self.check()
         if self.epochs is not None and not self.epochs > 0:
-            bad("epochs", "must be > 0")
-        for name in ("batch_size", "log_every", "sample_every", "save_every", "max_nonfinite", "num_crops",
-                     "keep_checkpoints"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                bad(name, "must be an integer >= 1")
-        for name in ("num_samples", "num_workers", "warmup_steps"):
-            if getattr(self, name) < 0:
-                bad(name, "must be >= 0")
-        if not self.lr > 0 or (self.disc_lr is not None and not self.disc_lr > 0):
-            raise ValueError(f"train config: lr ({self.lr}) and disc_lr ({self.disc_lr}) must be > 0")
-        if self.lr_schedule not in LR_SCHEDULES:
-            bad("lr_schedule", f"valid: {', '.join(LR_SCHEDULES)}")
-        self.betas = tuple(float(b) for b in self.betas)
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            bad("betas", "must be two numbers in [0, 1)")
-        if self.weight_decay < 0:
-            bad("weight_decay", "must be >= 0")
+            self.bad("epochs", "must be > 0")
+        if self.sample_every < 1:
+            self.bad("sample_every", "must be an integer >= 1")
+        for name, low in (("num_crops", 1), ("num_samples", 0)):
+            if getattr(self, name) < low:
+                self.bad(name, f"must be an integer >= {low}")
+        if self.disc_lr is not None and not self.disc_lr > 0:
+            self.bad("disc_lr", "must be > 0 (or null: lr)")
         if not self.grad_clip > 0:
-            bad("grad_clip", "must be > 0")
-        if not 0 < self.ema_decay < 1:
-            bad("ema_decay", "must be in (0, 1)")
-        if self.precision in (False, "no"):  # YAML 1.1 reads a bare `no` as false; accelerate's spelling of fp32
-            self.precision = "fp32"
-        if self.precision not in PRECISIONS:
-            bad("precision", f"valid: {', '.join(PRECISIONS)}")
-        if self.resume is None:
-            self.resume = "none"
-        if not isinstance(self.model_overrides, dict):
-            bad("model_overrides", "must be a mapping")
+            self.bad("grad_clip", "must be > 0")
         if isinstance(self.loss, LossConfig):
             self.loss = dataclasses.asdict(self.loss)
         self.loss_config()  # validate now
-        select_trackers(self.log_with)
 
     def loss_config(self) -> LossConfig:
         valid = {f.name for f in dataclasses.fields(LossConfig)}
         unknown = sorted(set(self.loss) - valid)
         if unknown:
-            raise ValueError(f"train config: unknown loss field(s) {unknown}; valid: {sorted(valid)}")
+            raise ValueError(f"training config: unknown loss field(s) {unknown}; valid: {sorted(valid)}")
         return LossConfig(**self.loss)
 
     @classmethod
