@@ -344,3 +344,15 @@ def test_codebook_from_a_tokenizer_folder_and_refusal_of_another_tokenizer(tok_a
         with pytest.raises(ValueError, match=r"tokenizer .*other \(sha256 [0-9a-f]{64}\) is not the tokenizer that "
                                              r"made the codes: .*meta.json records sha256 [0-9a-f]{64}"):
             tg_main(projector + argv + [f"out_dir={tmp_path / 'b'}"])
+
+
+def test_activation_checkpointing_is_applied_and_trains_the_same(tmp_path):
+    """activation_checkpointing= goes through generator.perf.optimize_for_training: recompute, same numbers."""
+    base = ["--config", "configs/generator/tiny.yaml", "global_batch_size=16", "batch_size=8", "log_every=1",
+            "sample_every=0", "num_workers=0", "steps=2", "log_with=none", *NO_DROPOUT]
+    assert main(base + [f"out_dir={tmp_path / 'a'}"]) == 0
+    assert main(base + ["activation_checkpointing=full", f"out_dir={tmp_path / 'b'}"]) == 0
+    la, lb = [r["loss"] for r in metrics(tmp_path / "a")], [r["loss"] for r in metrics(tmp_path / "b")]
+    assert lb == pytest.approx(la, rel=1e-5)
+    with pytest.raises(ValueError, match=r"activation_checkpointing='some' is invalid; valid: 'none', 'full'"):
+        load_config(None, ["activation_checkpointing=some"])
