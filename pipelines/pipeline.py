@@ -226,6 +226,34 @@ class MGVQPipeline(MGVQHubMixin, tags=["class-conditional", "image-generation"])
         if cfg_schedule not in CFG_SCHEDULES:
             raise ValueError(f"cfg_schedule={cfg_schedule!r}: valid: {', '.join(map(repr, CFG_SCHEDULES))}")
 
+    SAMPLING_SETTINGS = ("guidance_scale", "temperature", "top_k", "top_p", "cfg_interval", "cfg_schedule",
+                         "groups_to_use")
+
+    def sampling_settings(self, class_labels: Sequence[int | str] | None = None, **settings) -> dict:
+        """The sampling settings a call would use (None -> the pipeline's default), checked now: raises ValueError
+        naming a bad one (and a bad class label) before anything is sampled. Keys: SAMPLING_SETTINGS."""
+        unknown = sorted(set(settings) - set(self.SAMPLING_SETTINGS))
+        if unknown:
+            raise ValueError(f"unknown sampling setting(s) {unknown}; valid: {', '.join(self.SAMPLING_SETTINGS)}")
+        d = self.defaults
+        resolved = {k: getattr(d, k) if settings.get(k) is None else settings[k] for k in self.SAMPLING_SETTINGS}
+        labels = [self.get_label_ids(l)[0] if isinstance(l, str) else int(l) for l in (class_labels or [])]
+        self._validate(labels, **resolved)
+        return resolved
+
+    def sample_fn(self, compile: bool = False, **settings):
+        """`sample_fn(labels (B,) int64, seeds list[int]) -> float (B, 3, H, W) in [0, 1]`, what evaluation.sample
+        takes: image i gets its own generator seeded with seeds[i] (the same image whatever the batch or the number
+        of processes). Settings as `sampling_settings` (checked now)."""
+        kw = self.sampling_settings(**settings)
+
+        def fn(labels: torch.Tensor, seeds: list) -> torch.Tensor:
+            gens = [torch.Generator(self.device).manual_seed(s) for s in seeds]
+            return self(labels.tolist(), generator=gens, output_type="pt", progress=False, compile=compile,
+                        **kw).images
+
+        return fn
+
     def _per_image_generators(self, generator, n: int) -> list[torch.Generator]:
         """One generator per image: the caller's list, or n generators on the pipeline's device seeded from n draws
         of one (or of the global RNG when None), so image i depends on draw i only."""
