@@ -512,7 +512,7 @@ def train_step(run: Run, batches) -> tuple[torch.Tensor, float, bool]:
             run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
-    run.guard.record(not skipped, run.step, "", run.last_ckpt or (run.folder.latest() or None))
+    run.guard.record(not skipped, run.step, "", (run.last_ckpt or run.folder.latest()) if skipped else None)
     if not skipped and run.ema is not None:
         run.ema.update(run.gpt())
     return stats, grad_norm, skipped
