@@ -107,3 +107,52 @@ def test_same_seed_same_output_and_per_group_lists():
         generate(m, torch.tensor([11]))
     assert m.layers[0].attention.kv_cache is None  # caches freed after each call
     assert "kv_cache" not in " ".join(m.state_dict())
+
+
+def test_sampler_draws_the_filtered_distribution():
+    """The exponential-race draw (argmax p / E, E ~ Exp(1)) has the softmax / top-k / top-p probabilities."""
+    K, n = 8, 20000
+    base = torch.tensor([2.0, 1.5, 1.0, 0.8, 0.5, 0.0, -0.5, -1.0])
+    logits = base.expand(n, 3, K).clone()
+    g = torch.Generator().manual_seed(0)
+    out = sample_logits(logits, [1.0, 2.0, 1.0], [None, 3, None], [None, None, 0.8], g)  # (n, 3)
+    expect = [base.softmax(-1),  # plain
+              torch.cat([(base[:3] / 2.0).softmax(-1), torch.zeros(5)])]  # temperature 2, top-k 3
+    p = base.softmax(-1)  # top-p 0.8: the smallest prefix whose mass reaches 0.8, renormalised
+    keep = int(((p.cumsum(0) - p) <= 0.8).sum())
+    expect.append(torch.cat([p[:keep] / p[:keep].sum(), torch.zeros(K - keep)]))
+    for col in range(3):
+        freq = torch.bincount(out[:, col], minlength=K).float() / n
+        torch.testing.assert_close(freq, expect[col], atol=0.015, rtol=0)  # 4 sigma of a binomial at n=20000
+
+
+def test_kv_caches_are_reused_across_calls_and_released():
+    from generator.generate import _CACHES, release_caches
+
+    m = tiny("ar")
+    generate(m, torch.tensor([1, 2]), guidance_scale=2.0, top_k=1)
+    first = [c.k_cache.data_ptr() for c in _CACHES[m][1]]
+    assert len(first) == len(m.layers) + m.config.ar_head_layers
+    a = generate(m, torch.tensor([3, 4]), guidance_scale=2.0, top_k=1)  # same shape: same buffers
+    assert [c.k_cache.data_ptr() for c in _CACHES[m][1]] == first
+    assert m.layers[0].attention.kv_cache is None  # detached from the modules between calls
+    # stale cache contents never leak: a fresh model (fresh zero caches) gives the same tokens
+    fresh = tiny("ar")
+    assert torch.equal(generate(fresh, torch.tensor([3, 4]), guidance_scale=2.0, top_k=1), a)
+    generate(m, torch.tensor([1]), guidance_scale=2.0, top_k=1)  # another batch: one entry, new shape
+    assert _CACHES[m][0][0] == 2 and _CACHES[m][1][0].k_cache.shape[0] == 2
+    release_caches(m)
+    assert m not in _CACHES
+
+
+def test_dtype_argument():
+    m = tiny()
+    labels = torch.tensor([1, 2])
+    codes, seen = generate(m, labels, guidance_scale=2.0, top_k=1, dtype=torch.bfloat16, return_logits=True)
+    ref = generate(m, labels, guidance_scale=2.0, top_k=1)  # float32
+    assert codes.shape == ref.shape and (codes == ref).float().mean() > 0.5  # bf16 autocast: close, not bitwise
+    assert seen.dtype == torch.float32
+    with pytest.raises(ValueError, match="bfloat16"):
+        generate(m, labels, dtype="int8")
+    with pytest.raises(ValueError, match="compile"):
+        generate(m, labels, compile="fast")
