@@ -43,7 +43,8 @@ def main(argv=None) -> None:
     p.add_argument("--preset", default="mgvq-tiny")
     p.add_argument("--tokenizer", default=None, help="a save_pretrained folder instead of a random-init preset")
     p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--data", default="fashion-mnist", help="as cache-codes --data, or 'synthetic-jpeg'")
+    p.add_argument("--data", default="/usr/share/datasets/fashion-mnist",
+                   help="as cache-codes --data (default: the Fashion-MNIST IDX folder), or 'synthetic-jpeg'")
     p.add_argument("--images", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=2)
