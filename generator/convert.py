@@ -2,6 +2,7 @@
 
     mgvq convert --from llamagen-gpt c2i_L_256.pt weights/llamagen-gpt-l grid=16
     mgvq convert --from mgvq-gpt MGVQ_GPT_XXL.pt weights/mgvq-gpt-xxl --tokenizer weights/mgvq-f16-g4
+    mgvq convert --from llamagen-gpt-t2i t2i_XL_stage1_256.pt weights/llamagen-t2i-xl   # text-conditional (T5 prefix)
     python -m generator.convert --from mgvq-gpt CKPT OUT --codebook codebook.safetensors [key=value ...]
 
 Everything else (dim, n_layer, K, G, C, num_classes, n_kv_head, the SwiGLU width, grid for MGVQ) is inferred from
@@ -79,8 +80,9 @@ def _require(sd: dict, keys: list[str], kind: str):
 
 
 def _backbone_config(sd: dict, overrides: dict, kind: str) -> dict:
-    _require(sd, ["cls_embedding.embedding_table.weight", "norm.weight", "layers.0.attention.wqkv.weight",
-                  "layers.0.feed_forward.w1.weight"], kind)
+    text = "cls_embedding.cap_proj.fc1.weight" in sd  # t2i: a caption projection instead of the class table
+    _require(sd, ["cls_embedding.cap_proj.fc1.weight" if text else "cls_embedding.embedding_table.weight",
+                  "norm.weight", "layers.0.attention.wqkv.weight", "layers.0.feed_forward.w1.weight"], kind)
     dim = sd["norm.weight"].shape[0]
     n_head = int(overrides.get("n_head") or LLAMAGEN_HEADS.get(dim, 0))
     if not n_head:
@@ -89,8 +91,9 @@ def _backbone_config(sd: dict, overrides: dict, kind: str) -> dict:
     hd = dim // n_head
     qkv_rows = sd["layers.0.attention.wqkv.weight"].shape[0]
     n_kv_head = (qkv_rows - dim) // (2 * hd)
-    cfg = dict(dim=dim, n_layer=_n_layer(sd), n_head=n_head, n_kv_head=None if n_kv_head == n_head else n_kv_head,
-               num_classes=sd["cls_embedding.embedding_table.weight"].shape[0] - 1)
+    cfg = dict(dim=dim, n_layer=_n_layer(sd), n_head=n_head, n_kv_head=None if n_kv_head == n_head else n_kv_head)
+    if not text:
+        cfg["num_classes"] = sd["cls_embedding.embedding_table.weight"].shape[0] - 1
     cfg.update(_ffn_fields(sd, cfg, overrides, kind))
     return cfg
 
@@ -157,6 +160,9 @@ def convert_llamagen_gpt(state_dict: dict, overrides: dict | None = None) -> GPT
     _require(sd, ["tok_embeddings.weight", "output.weight"], kind)
     if any(k.startswith("ar_head.") or k.startswith("img_projector.") for k in sd):
         raise ValueError(f"{kind}: this is an MGVQ GPT (ar_head/img_projector keys); use convert_mgvq_gpt")
+    if "cls_embedding.cap_proj.fc1.weight" in sd:
+        raise ValueError(f"{kind}: this is a text-conditional (t2i) GPT (cls_embedding.cap_proj keys); use "
+                         f"--from llamagen-gpt-t2i")
     cfg = _backbone_config(sd, overrides, kind)
     cfg.update(groups=1, codebook_size=sd["tok_embeddings.weight"].shape[0], input_mode="sum", head="parallel")
     if "grid" not in overrides:
@@ -167,6 +173,38 @@ def convert_llamagen_gpt(state_dict: dict, overrides: dict | None = None) -> GPT
         else:
             raise ValueError(f"{kind}: the weights do not fix the token grid for dim={cfg['dim']}; pass grid=16 "
                              f"(256 px checkpoints) or grid=24 (384 px)")
+    return _finish(cfg, overrides, sd)
+
+
+def convert_llamagen_gpt_t2i(state_dict: dict, overrides: dict | None = None) -> GPT:
+    """LlamaGen t2i `Transformer` (model_type="t2i", CaptionEmbedder) -> GPT(conditioning="text"). Keys map one to one.
+
+    Inferred: dim, n_layer, codebook_size, n_kv_head, SwiGLU width, caption_dim (cap_proj.fc1 input) and caption_tokens
+    (= the rows of cls_embedding.uncond_embedding = LlamaGen's cls_token_num, 120 in the released models); n_head from
+    the LlamaGen preset of that width. grid is not in the weights: pass grid= (the CLI reads it from a released name,
+    t2i_XL_stage1_256.pt -> 16, t2i_XL_stage2_512.pt -> 32)."""
+    overrides = dict(overrides or {})
+    sd = unwrap_state_dict(state_dict)
+    kind = "convert_llamagen_gpt_t2i"
+    _require(sd, ["tok_embeddings.weight", "output.weight", "cls_embedding.uncond_embedding",
+                  "cls_embedding.cap_proj.fc1.weight", "cls_embedding.cap_proj.fc2.weight"], kind)
+    if "cls_embedding.embedding_table.weight" in sd:
+        raise ValueError(f"{kind}: this is a class-conditional (c2i) GPT (cls_embedding.embedding_table); use "
+                         f"--from llamagen-gpt")
+    cfg = _backbone_config(sd, overrides, kind)
+    fc1, unc = sd["cls_embedding.cap_proj.fc1.weight"], sd["cls_embedding.uncond_embedding"]
+    if fc1.shape[0] != cfg["dim"] or unc.shape[1] != fc1.shape[1]:
+        raise ValueError(f"{kind}: cap_proj.fc1.weight is {tuple(fc1.shape)} and uncond_embedding "
+                         f"{tuple(unc.shape)}; LlamaGen's layout is fc1 (dim={cfg['dim']}, caption_dim) and "
+                         f"uncond_embedding (caption_tokens, caption_dim)")
+    cfg.update(groups=1, codebook_size=sd["tok_embeddings.weight"].shape[0], input_mode="sum", head="parallel",
+               conditioning="text", caption_dim=fc1.shape[1], caption_tokens=unc.shape[0])
+    for key in ("caption_dim", "caption_tokens"):
+        if key in overrides and overrides[key] != cfg[key]:
+            raise ValueError(f"{kind}: {key}={overrides[key]} given, but the weights have {key}={cfg[key]}")
+    if "grid" not in overrides:
+        raise ValueError(f"{kind}: the weights do not fix the token grid; pass grid=16 (256 px: t2i_XL_stage1_256) "
+                         f"or grid=32 (512 px: t2i_XL_stage2_512)")
     return _finish(cfg, overrides, sd)
 
 
@@ -269,7 +307,7 @@ def _parse_value(v: str):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mgvq convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--from", dest="kind", required=True, choices=["llamagen-gpt", "mgvq-gpt"])
+    p.add_argument("--from", dest="kind", required=True, choices=["llamagen-gpt", "llamagen-gpt-t2i", "mgvq-gpt"])
     p.add_argument("checkpoint")
     p.add_argument("out_dir")
     p.add_argument("--codebook", help="safetensors file with the raw tokenizer codebook (mgvq-gpt)")
@@ -284,12 +322,13 @@ def main(argv: list[str] | None = None) -> int:
         overrides[k] = _parse_value(v)
     check_output_dir(args.out_dir, what="OUT_DIR")  # before reading a multi-GB checkpoint
     ckpt = _load_checkpoint(args.checkpoint)
-    if args.kind == "llamagen-gpt":
-        if "grid" not in overrides:  # released names carry the resolution: c2i_L_256.pt / c2i_XL_384.pt
+    if args.kind in ("llamagen-gpt", "llamagen-gpt-t2i"):
+        if "grid" not in overrides:  # released names carry the resolution: c2i_L_256.pt / t2i_XL_stage2_512.pt
             m = re.search(r"_(256|384|512)\b", os.path.basename(args.checkpoint))
             if m:
                 overrides["grid"] = int(m.group(1)) // 16
-        model = convert_llamagen_gpt(ckpt, overrides)
+        convert = convert_llamagen_gpt if args.kind == "llamagen-gpt" else convert_llamagen_gpt_t2i
+        model = convert(ckpt, overrides)
     else:
         if bool(args.codebook) == bool(args.tokenizer):
             p.error("mgvq-gpt needs exactly one of --codebook FILE.safetensors or --tokenizer DIR")
@@ -306,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     model.save_pretrained(args.out_dir)
     c = model.config
     print(f"converted {args.kind} -> {args.out_dir}: {model.num_parameters() / 1e6:.1f}M params, dim={c.dim} "
-          f"n_layer={c.n_layer} n_head={c.n_head} grid={c.grid} G={c.groups} K={c.codebook_size} head={c.head}")
+          f"n_layer={c.n_layer} n_head={c.n_head} grid={c.grid} G={c.groups} K={c.codebook_size} head={c.head}"
+          + (f" caption {c.caption_tokens} x {c.caption_dim}" if c.conditioning == "text" else ""))
     return 0
 
 

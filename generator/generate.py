@@ -2,6 +2,11 @@
 
     codes = generate(model, torch.tensor([207, 360]), guidance_scale=4.0, top_k=2000, generator=g)  # (B, h, w, G)
     codes = generate(model, labels, guidance_scale=4.0, top_k=2000, compile=True)   # GPU: CUDA-graphed decode step
+    codes = generate(t2i_model, feats, cond_mask=mask, guidance_scale=7.5)  # text: caption features, left-padded
+
+Text-conditional models (conditioning="text", LlamaGen t2i): the prefix is T caption tokens (prefilled at once with
+their padding mask); the uncond half is the null caption with the SAME padding mask as the caption (LlamaGen), or a
+negative caption (negative_cond / negative_cond_mask); every step attends through a per-sample key mask.
 
 Per call: attach the backbone KV cache (and the AR head's small (G+1)-slot cache), prefill the class token, then
 decode one position at a time. With CFG the batch is [cond; uncond] (uncond label = num_classes), logits are
@@ -174,15 +179,20 @@ def _head_and_draw(model: GPT, h, pos, noise, scale, samp_tensors, spec, eager: 
     return (tok, torch.stack(seen, 1)) if want_logits else (tok, None)
 
 
-def _decode_step(model: GPT, prev, pos_t, pos, noise, scale, samp_tensors, spec, kv_len: int | None = None):
+def _decode_step(model: GPT, prev, pos_t, pos, noise, scale, samp_tensors, spec, kv_len: int | None = None,
+                 key_mask=None):
     """One position: tokens of the previous position prev (B, G) -> this position's tokens (B, G).
 
     Every argument that changes from step to step is a tensor (prev, the position pos_t (1,), noise, scale);
     spec holds only Python constants, so torch.compile traces one graph per sampling setting (kv_len=None: the
-    static full-cache attention). Eager calls pass kv_len = pos_t + 1 to attend to the filled prefix only."""
+    static full-cache attention). Eager calls pass kv_len = pos_t + 1 to attend to the filled prefix only.
+    key_mask: text models' per-sample (N, 1, S, S) mask over the cache (caption padding), None for class models."""
     reps = spec[5]  # 2 with CFG: the same sub-tokens go to the cond and the uncond half
     x = model.embed_codes((prev if reps == 1 else prev.repeat(reps, 1))[:, None])  # (N, 1, D)
-    h = model.backbone(x, pos_t, kv_len)[:, -1]
+    mask = None
+    if key_mask is not None:
+        mask = key_mask[:, :, pos_t] if kv_len is None else key_mask[:, :, kv_len - 1:kv_len, :kv_len]
+    h = model.backbone(x, pos_t, kv_len, mask)[:, -1]
     return _head_and_draw(model, h, pos, noise, scale, samp_tensors, spec, eager=kv_len is not None)
 
 
@@ -238,7 +248,7 @@ def _compiled_step(mode: str | None):
 @torch.no_grad()
 def generate(
     model: GPT,
-    class_labels,
+    cond,
     guidance_scale: float = 1.0,
     temperature: PerGroup = 1.0,
     top_k: PerGroup = None,
@@ -250,8 +260,14 @@ def generate(
     dtype: torch.dtype | str | None = None,
     progress: bool = False,
     return_logits: bool = False,
+    cond_mask=None,
+    negative_cond=None,
+    negative_cond_mask=None,
 ):
-    """Sample codes (B, h, w, G) int64 (local indices per sub-codebook) for class_labels (B,).
+    """Sample codes (B, h, w, G) int64 (local indices per sub-codebook) for class labels cond (B,), or, for a
+    text-conditional model, caption features cond (B, T, caption_dim), left-padded, with cond_mask (B, T) bool
+    (True = valid token; None = all valid). With CFG the uncond half is the null caption under the SAME mask, or
+    negative_cond (B, T', caption_dim) with its own negative_cond_mask.
 
     guidance_scale: CFG scale s (1.0 = no uncond half). temperature / top_k / top_p: a scalar or a list of G
     values (one per sub-codebook); top_k=1 is greedy. cfg_interval: LlamaGen semantics (see _cfg_scale).
@@ -287,14 +303,38 @@ def generate(
     if autocast and compute_dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"dtype={compute_dtype}: the model's weights are {param.dtype}; a different compute dtype "
                          f"must be torch.bfloat16 or torch.float16 (or cast the model: model.to(dtype))")
-    labels = torch.as_tensor(class_labels, device=device).long().view(-1)
-    if labels.numel() == 0 or labels.min() < 0 or labels.max() > cfg.num_classes:
-        raise ValueError(f"class_labels must be in [0, {cfg.num_classes}] (num_classes = null class); got {labels.tolist()}")
-    B = labels.shape[0]
     use_cfg = float(guidance_scale) != 1.0 or cfg_schedule != "constant"
-    if use_cfg:
-        labels = torch.cat([labels, torch.full_like(labels, cfg.num_classes)])
-    N = labels.shape[0]
+    P = cfg.prefix_len
+    if cfg.conditioning == "class":
+        if cond_mask is not None or negative_cond is not None:
+            raise ValueError("cond_mask / negative_cond are for text-conditional GPTs; this one takes class labels")
+        labels = torch.as_tensor(cond, device=device).long().view(-1)
+        if labels.numel() == 0 or labels.min() < 0 or labels.max() > cfg.num_classes:
+            raise ValueError(f"class_labels must be in [0, {cfg.num_classes}] (num_classes = null class); got "
+                             f"{labels.tolist()}")
+        B = labels.shape[0]
+        if use_cfg:
+            labels = torch.cat([labels, torch.full_like(labels, cfg.num_classes)])
+        N = labels.shape[0]
+    else:
+        feats, fmask = model.prepare_caption(torch.as_tensor(cond, device=device),
+                                             None if cond_mask is None else torch.as_tensor(cond_mask, device=device))
+        B = feats.shape[0]
+        if use_cfg:
+            if negative_cond is None:
+                if negative_cond_mask is not None:
+                    raise ValueError("negative_cond_mask without negative_cond")
+                neg, nmask = model.null_caption(B).to(feats.dtype), fmask  # the SAME padding mask (LlamaGen)
+            else:
+                neg, nmask = model.prepare_caption(
+                    torch.as_tensor(negative_cond, device=device),
+                    None if negative_cond_mask is None else torch.as_tensor(negative_cond_mask, device=device))
+                if neg.shape[0] != B:
+                    raise ValueError(f"negative_cond has {neg.shape[0]} rows; it needs one per caption ({B})")
+            feats, fmask = torch.cat([feats, neg]), torch.cat([fmask, nmask])
+        elif negative_cond is not None:
+            raise ValueError("negative_cond needs guidance (guidance_scale != 1.0)")
+        N = feats.shape[0]
     if isinstance(generator, (list, tuple)) and len(generator) != B:
         raise ValueError(f"generator: a list needs one torch.Generator per image ({B}), got {len(generator)}")
 
@@ -303,7 +343,7 @@ def generate(
     scales = [_cfg_scale(t, L, float(guidance_scale), cfg_interval, cfg_schedule) if use_cfg else None
               for t in range(L)]
     scale_t = torch.tensor([1.0 if s is None else s for s in scales], device=device)  # (L,), read as views
-    pos = torch.arange(L + 1, device=device)  # input positions, read as views (no per-step host->device copy)
+    pos = torch.arange(L + P, device=device)  # input positions, read as views (no per-step host->device copy)
 
     def spec(t: int) -> tuple:
         return B, scales[t] is not None, return_logits, samp.spec, col_specs, N // B
@@ -325,18 +365,25 @@ def generate(
     amp = torch.autocast(device.type, dtype=compute_dtype, enabled=autocast)
     try:
         _attach_caches(model, N, compute_dtype, device, static=bool(compile))
+        key_mask = None
+        if cfg.conditioning == "text":  # (N, 1, S, S) over the whole cache: causal, valid caption columns, diagonal
+            key_mask = model.caption_attn_mask(fmask, model.layers[0].attention.kv_cache.k_cache.shape[2])
         with amp:
             for t in positions:
                 noise = samp.noise(B, generator)
-                if t == 0:  # the class token (once per call: eager)
-                    h = model.backbone(model.embed_class(labels), pos[:1], 1)[:, -1]
+                if t == 0:  # the condition prefix (once per call: eager)
+                    if key_mask is None:
+                        h = model.backbone(model.embed_class(labels), pos[:1], 1)[:, -1]
+                    else:
+                        x = model.cls_embedding(feats.to(model.cls_embedding.cap_proj.fc1.weight.dtype), train=False)
+                        h = model.backbone(x, pos[:P], P, key_mask[:, :, :P, :P])[:, -1]
                     tok, lg = _head_and_draw(model, h, pos, noise, scale_t[0], samp.tensors, spec(0), eager=True)
                 elif compile:
-                    tok, lg = step(model, out[:, t - 1], pos[t:t + 1], pos, noise, scale_t[t], samp.tensors,
-                                   spec(t))
+                    tok, lg = step(model, out[:, t - 1], pos[P + t - 1:P + t], pos, noise, scale_t[t], samp.tensors,
+                                   spec(t), None, key_mask)
                 else:
-                    tok, lg = step(model, out[:, t - 1], pos[t:t + 1], pos, noise, scale_t[t], samp.tensors,
-                                   spec(t), t + 1)
+                    tok, lg = step(model, out[:, t - 1], pos[P + t - 1:P + t], pos, noise, scale_t[t], samp.tensors,
+                                   spec(t), P + t, key_mask)
                 out[:, t] = tok
                 if seen is not None:
                     seen[:, t] = lg

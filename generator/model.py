@@ -7,6 +7,9 @@ Output "parallel":  G linear heads on the hidden state (G=1: LlamaGen's `output`
        "ar":        MGVQ's small causal transformer over the G sub-tokens of one position (the "AR head").
 
 Sequence layout (teacher forcing): [class token, pos 0, ..., pos L-2] -> predicts [pos 0, ..., pos L-1].
+Conditioning "text" (LlamaGen t2i): the prefix is T caption-feature tokens (left-padded, a padding mask; projected by
+`cls_embedding.cap_proj`, dropped to the null caption `cls_embedding.uncond_embedding` in training) instead of the
+one class token; position T-1 predicts pos 0, caption positions get zero RoPE rows like the class token.
 State-dict key names follow the reference code (LlamaGen `gpt.py`, MGVQ `gpt_emb_simple.py` / `ar_head.py`),
 so the converters only unwrap, drop unused keys and infer the config.
 """
@@ -53,6 +56,9 @@ class GPTConfig:
     head: str = "parallel"  # "parallel" | "ar"
     ar_head_layers: int = 2
     grad_checkpointing: bool = False
+    conditioning: str = "class"  # "class" (one class token) | "text" (caption_tokens caption-feature tokens)
+    caption_dim: int = 2048  # text: width of the caption features (FLAN-T5-XL: 2048)
+    caption_tokens: int = 120  # text: T caption positions, left-padded (LlamaGen: 120)
 
     def __post_init__(self):
         def bad(name, why):
@@ -61,6 +67,10 @@ class GPTConfig:
         for name in ("dim", "n_layer", "n_head", "num_classes", "grid", "groups", "codebook_size", "ar_head_layers"):
             if int(getattr(self, name)) < 1:
                 bad(name, "must be a positive integer")
+        if self.conditioning not in ("class", "text"):
+            bad("conditioning", "valid: 'class', 'text'")
+        if self.conditioning == "text" and min(int(self.caption_dim), int(self.caption_tokens)) < 1:
+            bad("caption_dim" if int(self.caption_dim) < 1 else "caption_tokens", "must be a positive integer")
         if self.input_mode not in ("sum", "projector"):
             bad("input_mode", "valid: 'sum', 'projector'")
         if self.head not in ("parallel", "ar"):
@@ -90,6 +100,10 @@ class GPTConfig:
     @property
     def block_size(self) -> int:  # L
         return self.grid * self.grid
+
+    @property
+    def prefix_len(self) -> int:  # P condition positions before the image: 1 class token or T caption tokens
+        return self.caption_tokens if self.conditioning == "text" else 1
 
     @property
     def ffn_hidden(self) -> int:
@@ -200,7 +214,7 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.resid_dropout_p)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, freqs_cis, input_pos=None, kv_len=None):  # x (B, T, D)
+    def forward(self, x, freqs_cis, input_pos=None, kv_len=None, attn_mask=None):  # x (B, T, D)
         B, T, D = x.shape
         kv = self.n_kv_head * self.head_dim
         q, k, v = self.wqkv(x).split([D, kv, kv], dim=-1)
@@ -211,6 +225,8 @@ class Attention(nn.Module):
         if self.kv_cache is not None and input_pos is not None:
             k, v, mask = self.kv_cache.update(input_pos, k, v, kv_len)  # (B, Hkv, S, hd), (1, 1, T, S) | None
             causal = False
+        if attn_mask is not None:  # per-sample bool (B, 1, T, S), True = may attend (caption padding): replaces both
+            mask, causal = attn_mask, False
         if self.n_kv_head != self.n_head:
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
@@ -233,14 +249,14 @@ class TransformerBlock(nn.Module):
         # inside forward, so a regional torch.compile of the block compiles the checkpointed region too.
         self.activation_checkpointing: dict | None = None
 
-    def forward(self, x, freqs_cis, input_pos=None, kv_len=None):
+    def forward(self, x, freqs_cis, input_pos=None, kv_len=None, attn_mask=None):
         ac = self.activation_checkpointing
         if ac is not None and self.training and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, freqs_cis, input_pos, kv_len, use_reentrant=False, **ac)
-        return self._forward(x, freqs_cis, input_pos, kv_len)
+            return checkpoint(self._forward, x, freqs_cis, input_pos, kv_len, attn_mask, use_reentrant=False, **ac)
+        return self._forward(x, freqs_cis, input_pos, kv_len, attn_mask)
 
-    def _forward(self, x, freqs_cis, input_pos=None, kv_len=None):
-        h = x + self.attention(self.attention_norm(x), freqs_cis, input_pos, kv_len)
+    def _forward(self, x, freqs_cis, input_pos=None, kv_len=None, attn_mask=None):
+        h = x + self.attention(self.attention_norm(x), freqs_cis, input_pos, kv_len, attn_mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -257,6 +273,37 @@ class LabelEmbedder(nn.Module):
             drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
             labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
         return self.embedding_table(labels).unsqueeze(1)
+
+
+class CaptionMLP(nn.Module):  # LlamaGen's MLP: fc1 -> GELU(tanh) -> fc2, no biases
+    def __init__(self, in_features: int, hidden: int, out_features: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden, bias=False)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, out_features, bias=False)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CaptionEmbedder(nn.Module):
+    """Caption features (B, T, caption_dim) -> (B, T, D) (LlamaGen's t2i CaptionEmbedder).
+
+    The null caption `uncond_embedding` (T, caption_dim) is a fixed random buffer, as in LlamaGen (in the state dict,
+    not a parameter; the projection that follows it is learned). In training a caption is replaced by it with
+    probability dropout_prob; its padding mask stays the caption's (LlamaGen), which is also how CFG uses it."""
+
+    def __init__(self, caption_dim: int, dim: int, dropout_prob: float, tokens: int):
+        super().__init__()
+        self.dropout_prob = dropout_prob
+        self.cap_proj = CaptionMLP(caption_dim, dim, dim)
+        self.register_buffer("uncond_embedding", torch.randn(tokens, caption_dim) / caption_dim ** 0.5)
+
+    def forward(self, caption, train: bool):
+        if train and self.dropout_prob > 0:
+            drop = torch.rand(caption.shape[0], device=caption.device) < self.dropout_prob
+            caption = torch.where(drop[:, None, None], self.uncond_embedding.to(caption.dtype), caption)
+        return self.cap_proj(caption)
 
 
 # --------------------------------------------------------------------------------------------------------- AR head
@@ -357,7 +404,10 @@ class GPT(nn.Module, MGVQHubMixin, tags=["class-conditional", "autoregressive"])
         super().__init__()
         self.config = cfg = config
         G, K, D = cfg.groups, cfg.codebook_size, cfg.dim
-        self.cls_embedding = LabelEmbedder(cfg.num_classes, D, cfg.class_dropout_prob)
+        if cfg.conditioning == "text":  # class_dropout_prob = the caption-dropout probability
+            self.cls_embedding = CaptionEmbedder(cfg.caption_dim, D, cfg.class_dropout_prob, cfg.caption_tokens)
+        else:
+            self.cls_embedding = LabelEmbedder(cfg.num_classes, D, cfg.class_dropout_prob)
         if cfg.input_mode == "sum":
             # G per-group tables stored as one (G*K, D) table, row g*K + k; summed over groups
             self.tok_embeddings = nn.Embedding(G * K, D)
@@ -376,8 +426,9 @@ class GPT(nn.Module, MGVQHubMixin, tags=["class-conditional", "autoregressive"])
         else:
             self.ar_head = ARHead(cfg)
         self.register_buffer(
-            "freqs_cis", precompute_freqs_cis_2d(cfg.grid, cfg.head_dim, cfg.rope_base), persistent=False
-        )  # (1 + L, hd/2, 2)
+            "freqs_cis", precompute_freqs_cis_2d(cfg.grid, cfg.head_dim, cfg.rope_base, cfg.prefix_len),
+            persistent=False,
+        )  # (P + L, hd/2, 2)
         self.apply(self._init_weights)
         if cfg.head == "parallel":
             nn.init.zeros_(self.output.weight)  # LlamaGen zero-inits the output head
@@ -409,7 +460,7 @@ class GPT(nn.Module, MGVQHubMixin, tags=["class-conditional", "autoregressive"])
         super()._apply(fn, recurse)
         if self.freqs_cis.dtype != torch.float32:
             cfg = self.config
-            table = precompute_freqs_cis_2d(cfg.grid, cfg.head_dim, cfg.rope_base)
+            table = precompute_freqs_cis_2d(cfg.grid, cfg.head_dim, cfg.rope_base, cfg.prefix_len)
             self.freqs_cis = table.to(self.freqs_cis.device) if self.freqs_cis.device.type != "meta" else \
                 torch.empty(table.shape, device="meta")
         return self
@@ -427,6 +478,59 @@ class GPT(nn.Module, MGVQHubMixin, tags=["class-conditional", "autoregressive"])
     def embed_class(self, labels):  # (B,) -> (B, 1, D)
         return self.cls_embedding(labels, train=self.training)
 
+    def prepare_caption(self, cond, cond_mask=None):
+        """Check caption features (B, T', caption_dim) and their mask (B, T') (bool or 0/1; None = all valid);
+        left-pad T' < T = caption_tokens with zero rows. Returns float features (B, T, C) and a bool mask (B, T).
+        Captions must be left-padded (the valid tokens last), as LlamaGen: the last caption position predicts the
+        first image token, so it must be valid."""
+        cfg = self.config
+        if not isinstance(cond, torch.Tensor) or not cond.is_floating_point() or cond.dim() != 3 \
+                or cond.shape[-1] != cfg.caption_dim:
+            what = tuple(cond.shape) if isinstance(cond, torch.Tensor) else type(cond).__name__
+            raise ValueError(f"a text-conditional GPT takes caption features (B, T, caption_dim={cfg.caption_dim}) "
+                             f"float, T <= caption_tokens={cfg.caption_tokens}; got {what}")
+        B, T = cond.shape[:2]
+        if T > cfg.caption_tokens or T < 1:
+            raise ValueError(f"caption features have {T} tokens; this GPT takes 1..caption_tokens="
+                             f"{cfg.caption_tokens} (left-padded)")
+        mask = torch.ones(B, T, dtype=torch.bool, device=cond.device) if cond_mask is None else \
+            torch.as_tensor(cond_mask, device=cond.device).bool()
+        if tuple(mask.shape) != (B, T):
+            raise ValueError(f"cond_mask has shape {tuple(mask.shape)}; the caption features need (B, T) = {(B, T)}")
+        if not bool(mask[:, -1].all()):
+            raise ValueError("cond_mask: the last caption position must be valid in every row (captions are "
+                             "left-padded: padding first, the valid tokens last)")
+        pad = cfg.caption_tokens - T
+        if pad:
+            cond = F.pad(cond, (0, 0, pad, 0))
+            mask = F.pad(mask, (pad, 0), value=False)
+        return cond, mask
+
+    def null_caption(self, batch: int):  # (B, T, caption_dim): the CFG / dropout caption
+        return self.cls_embedding.uncond_embedding[None].expand(batch, -1, -1)
+
+    def caption_attn_mask(self, cond_mask, seq_len: int):
+        """(B, 1, S, S) bool, True = may attend: causal, caption columns only where valid, each row itself (LlamaGen's
+        dataset/t2i.py mask: a padded caption row is never empty; nothing else reads it)."""
+        T, dev = cond_mask.shape[1], cond_mask.device
+        keys = torch.cat([cond_mask, cond_mask.new_ones(cond_mask.shape[0], seq_len - T)], 1)  # (B, S)
+        causal = torch.tril(torch.ones(seq_len, seq_len, dtype=torch.bool, device=dev))
+        eye = torch.eye(seq_len, dtype=torch.bool, device=dev)
+        return ((causal & keys[:, None, :]) | eye)[:, None]
+
+    def embed_cond(self, cond, cond_mask=None, seq_len: int | None = None):
+        """Prefix embeddings (B, P, D) and the attention mask over seq_len positions (None = plain causal)."""
+        if self.config.conditioning == "class":
+            if cond_mask is not None:
+                raise ValueError("cond_mask is for text-conditional GPTs (conditioning='text'); this one takes class "
+                                 "labels")
+            return self.embed_class(cond), None
+        explicit = cond_mask is not None
+        feats, mask = self.prepare_caption(cond, cond_mask)
+        x = self.cls_embedding(feats.to(self.cls_embedding.cap_proj.fc1.weight.dtype), train=self.training)
+        padded = explicit or feats.shape[1] != cond.shape[1]
+        return x, (self.caption_attn_mask(mask, seq_len) if padded and seq_len else None)
+
     def embed_codes(self, codes):  # (B, T, G) -> (B, T, D)
         idx = codes.long() + self.group_offsets
         if self.config.input_mode == "sum":
@@ -434,15 +538,16 @@ class GPT(nn.Module, MGVQHubMixin, tags=["class-conditional", "autoregressive"])
         vecs = self.codebook[idx]  # (B, T, G, C/G) raw code vectors
         return self.img_projector(vecs.flatten(-2).to(self.img_projector[0].weight.dtype))
 
-    def backbone(self, x, input_pos=None, kv_len=None):  # (B, T, D) embeddings -> normed hidden (B, T, D)
-        """input_pos (T,): positions in the KV cache (generate); kv_len: see KVCache.update."""
+    def backbone(self, x, input_pos=None, kv_len=None, attn_mask=None):  # (B, T, D) embeddings -> hidden (B, T, D)
+        """input_pos (T,): positions in the KV cache (generate); kv_len: see KVCache.update; attn_mask: per-sample
+        bool (B, 1, T, S) (caption padding), None = causal."""
         freqs = self.freqs_cis[: x.shape[1]] if input_pos is None else self.freqs_cis[input_pos]
         h = self.tok_dropout(x)
         for layer in self.layers:
             if self.config.grad_checkpointing and self.training and layer.activation_checkpointing is None:
-                h = checkpoint(layer, h, freqs, input_pos, kv_len, use_reentrant=False)
+                h = checkpoint(layer, h, freqs, input_pos, kv_len, attn_mask, use_reentrant=False)
             else:
-                h = layer(h, freqs, input_pos, kv_len)
+                h = layer(h, freqs, input_pos, kv_len, attn_mask)
         return self.norm(h)
 
     def _flat_codes(self, codes):
@@ -458,10 +563,12 @@ class GPT(nn.Module, MGVQHubMixin, tags=["class-conditional", "autoregressive"])
                              f"L={cfg.block_size}")
         return codes
 
-    def backbone_features(self, codes, class_labels):  # (B, L, G), (B,) -> (B, L, D)
+    def backbone_features(self, codes, cond, cond_mask=None):  # (B, L, G), cond -> (B, L, D) at image positions
         codes = self._flat_codes(codes)
-        x = torch.cat([self.embed_class(class_labels), self.embed_codes(codes[:, :-1])], dim=1)
-        return self.backbone(x)
+        P = self.config.prefix_len
+        prefix, mask = self.embed_cond(cond, cond_mask, P + codes.shape[1] - 1)
+        x = torch.cat([prefix, self.embed_codes(codes[:, :-1])], dim=1)
+        return self.backbone(x, attn_mask=mask)[:, P - 1:]
 
     def head_logits(self, h, codes):  # h (B, T, D), codes (B, T, G) -> (B, T, G, K)
         B, T, _ = h.shape
@@ -469,16 +576,19 @@ class GPT(nn.Module, MGVQHubMixin, tags=["class-conditional", "autoregressive"])
             return self.output(h).view(B, T, self.config.groups, self.config.codebook_size)
         return self.ar_head(h.reshape(B * T, -1), codes.reshape(B * T, -1)).view(B, T, self.config.groups, -1)
 
-    def forward(self, codes, class_labels):
-        """Teacher-forced logits (B, L, G, K) float32: position t from the class token and positions < t;
-        with the "ar" head also from the sub-tokens < g of position t."""
+    def forward(self, codes, cond, cond_mask=None):
+        """Teacher-forced logits (B, L, G, K) float32: position t from the condition and positions < t;
+        with the "ar" head also from the sub-tokens < g of position t.
+
+        cond: class labels (B,), or for conditioning="text" caption features (B, T, caption_dim), left-padded, with
+        cond_mask (B, T) bool, True where a caption token is valid (None = all valid)."""
         codes = self._flat_codes(codes)
-        h = self.backbone_features(codes, class_labels)
+        h = self.backbone_features(codes, cond, cond_mask)
         return self.head_logits(h, codes).float()
 
-    def compute_loss(self, codes, class_labels) -> dict:
+    def compute_loss(self, codes, cond, cond_mask=None) -> dict:
         codes = self._flat_codes(codes)
-        logits = self(codes, class_labels)  # (B, L, G, K)
+        logits = self(codes, cond, cond_mask)  # (B, L, G, K)
         K = logits.shape[-1]
         ce = F.cross_entropy(logits.reshape(-1, K), codes.reshape(-1).long(), reduction="none")
         ce = ce.view(codes.shape)  # (B, L, G)
@@ -488,7 +598,7 @@ class GPT(nn.Module, MGVQHubMixin, tags=["class-conditional", "autoregressive"])
     def setup_caches(self, batch: int, dtype=None, device=None):
         p = next(self.parameters())
         dtype, device = dtype or p.dtype, device or p.device
-        seq = find_multiple(self.config.block_size + 1, 8)
+        seq = find_multiple(self.config.block_size + self.config.prefix_len, 8)
         for layer in self.layers:
             a = layer.attention
             a.kv_cache = KVCache(batch, a.n_kv_head, seq, a.head_dim, dtype, device)
@@ -560,6 +670,17 @@ class GPT(nn.Module, MGVQHubMixin, tags=["class-conditional", "autoregressive"])
 
     def _card(self, repo_id: str) -> dict:  # facts for the generated model card (runtime.hub.render_card)
         c = self.config
+        if c.conditioning == "text":
+            return dict(title="MGVQ text-conditional GPT", tags=["text-to-image"], summary="Stage two: a LlamaGen t2i "
+                        "transformer (caption-feature prefix) predicting G sub-tokens per image position.",
+                        facts={"layers x heads x dim": f"{c.n_layer} x {c.n_head} x {c.dim}",
+                               "parameters": f"{self.num_parameters() / 1e6:.2f} M",
+                               "caption tokens x dim": f"{c.caption_tokens} x {c.caption_dim}",
+                               "token grid": f"{c.grid} x {c.grid}", "layout G x K": f"{c.groups} x {c.codebook_size}",
+                               "input / head": f"{c.input_mode} / {c.head}"},
+                        usage=f"from generator import GPT, generate\n\ngpt = GPT.from_pretrained({repo_id!r})\n"
+                              "codes = generate(gpt, feats, cond_mask=mask, guidance_scale=4.0)  # T5 features, "
+                              "left-padded")
         return dict(title="MGVQ class-conditional GPT", tags=["class-conditional"], summary="Stage two: a LlamaGen "
                     "c2i transformer predicting G sub-tokens per image position (decode with the matching tokenizer).",
                     facts={"layers x heads x dim": f"{c.n_layer} x {c.n_head} x {c.dim}",

@@ -4,6 +4,8 @@ Kinds:
   llamagen-vq     LlamaGen VQ-16 / VQ-8 tokenizer (.pt, weights under "model"/"ema"/"state_dict" or bare)
   mgvq-tokenizer  released MGVQ tokenizers (mgvq_f{8,16,32}c32_g{4,8}[_mix].pt, weights under "model")
   llamagen-gpt    LlamaGen c2i GPT (c2i_B_256.pt ...; give n_head= and grid= when the weights cannot tell)
+  llamagen-gpt-t2i LlamaGen t2i GPT (t2i_XL_stage1_256.pt ...): text-conditional, caption width / token count from
+                  the weights; sample with T5 caption features (pipelines.text_encoder)
   mgvq-gpt        released MGVQ GPT (needs --tokenizer DIR: its input projector reads the tokenizer's raw codebook)
   pipeline        assemble converted (or trained) TOKENIZER_DIR + GENERATOR_DIR into a pipeline folder that
                   MGVQPipeline.from_pretrained loads: --from pipeline TOKENIZER_DIR GENERATOR_DIR OUT_DIR
@@ -34,6 +36,7 @@ KINDS = {
     "llamagen-vq": "tokenizer.convert",
     "mgvq-tokenizer": "tokenizer.convert_mgvq",
     "llamagen-gpt": "generator.convert",
+    "llamagen-gpt-t2i": "generator.convert",
     "mgvq-gpt": "generator.convert",
     "pipeline": "pipelines.convert",
 }
