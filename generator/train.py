@@ -313,6 +313,7 @@ class Run:
     steps_per_epoch: int = 1
     accum: int = 1
     flops_per_seq: float = 0.0
+    num_parameters: int = 0  # counted before the launcher wraps (ZeRO-3 partitions the parameters)
     step: int = 0
     last_ckpt: str | None = None
     sigterm: bool = False
@@ -393,8 +394,9 @@ def setup(cfg: TrainConfig, decode_fn=None, codebook: torch.Tensor | None = None
     margs = model_overrides_from_meta(cfg)
     ds, meta = build_dataset(cfg, margs)
     gpt = build_model(cfg, margs, meta, codebook)
+    n_params = gpt.num_parameters()
     # minimal: room for one checkpoint (fp32 weights + 2 AdamW moments) and the exported weights
-    check_output_dir(cfg.out_dir, need_bytes=gpt.num_parameters() * 4 * 4, what="out_dir")
+    check_output_dir(cfg.out_dir, need_bytes=n_params * 4 * 4, what="out_dir")
     n = len(ds)
     if n < cfg.global_batch_size:
         raise ValueError(f"dataset has {n} items < global_batch_size={cfg.global_batch_size}")
@@ -411,7 +413,7 @@ def setup(cfg: TrainConfig, decode_fn=None, codebook: torch.Tensor | None = None
               ckpt.CheckpointFolder(cfg.out_dir, cfg.keep_checkpoints, acc.is_main_process, acc.wait_for_everyone),
               ema=EMA(acc.unwrap_model(model).gpt, cfg.ema_decay) if cfg.ema else None, decode_fn=decode_fn,
               steps_per_epoch=n // cfg.global_batch_size, accum=accum,
-              flops_per_seq=gpt.flops_per_token() * gpt.config.block_size)
+              flops_per_seq=gpt.flops_per_token() * gpt.config.block_size, num_parameters=n_params)
     run.total = cfg.steps or cfg.epochs * run.steps_per_epoch
     run.folder.clean_partial()
     acc.wait_for_everyone()
@@ -423,13 +425,13 @@ def setup(cfg: TrainConfig, decode_fn=None, codebook: torch.Tensor | None = None
     if run.main:
         write_json(os.path.join(cfg.out_dir, "config.json"), {
             "train": to_dict(cfg), "model": identity["model_config"], "world_size": world, "grad_accum": accum,
-            "zero_stage": run.zero_stage, "num_parameters": gpt.num_parameters()})
+            "zero_stage": run.zero_stage, "num_parameters": n_params})
     run.logger = MetricLogger(acc, cfg.out_dir, select_trackers(cfg.log_with), to_dict(cfg))
     sampler = StepBatches(n, cfg.global_batch_size, cfg.batch_size, world, rank, cfg.seed, run.step, run.total)
     loader = torch.utils.data.DataLoader(EpochIndexed(ds), batch_sampler=sampler, num_workers=cfg.num_workers,
                                          pin_memory=torch.cuda.is_available(),
                                          generator=torch.Generator().manual_seed(cfg.seed))
-    acc.print(f"GPT {cfg.model}: {gpt.num_parameters() / 1e6:.2f}M params, G={gpt.config.groups} "
+    acc.print(f"GPT {cfg.model}: {n_params / 1e6:.2f}M params, G={gpt.config.groups} "
               f"K={gpt.config.codebook_size} grid={gpt.config.grid} | {n} items, {run.steps_per_epoch} steps/epoch, "
               f"{run.total} steps | world {world} x batch {cfg.batch_size} x accum {accum} = {cfg.global_batch_size} | "
               f"{acc.distributed_type.value}{f' ZeRO-{run.zero_stage}' if is_deepspeed(acc) else ''} | precision "
@@ -603,7 +605,7 @@ def export(run: Run) -> dict:
     final_dir = os.path.join(run.cfg.out_dir, "final")
     ckpt_dir = run.last_ckpt or str(run.folder.latest())
     summary = {"step": run.step, "skipped_steps": run.guard.skipped_steps, "final_eval_loss": eval_loss,
-               "eval_items": len(codes), "checkpoint": ckpt_dir, "num_parameters": run.gpt().num_parameters(),
+               "eval_items": len(codes), "checkpoint": ckpt_dir, "num_parameters": run.num_parameters,
                "zero_stage": run.zero_stage, "world_size": run.acc.num_processes,
                "precision": run.acc.mixed_precision,
                # which tokenizer made the codes (shards' meta.json); `mgvq convert --from pipeline` checks it
