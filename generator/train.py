@@ -554,7 +554,8 @@ def _sampling_model(run: Run) -> GPT | None:
         sd = {k: v.detach().clone() for k, v in live.state_dict().items()} if run.main else None
     if not run.main:
         return None
-    model = GPT(run.gcfg, codebook=sd.get("codebook")).to(run.acc.device)
+    with torch.random.fork_rng(devices=[]):  # a fresh init must not move the training RNG stream
+        model = GPT(run.gcfg, codebook=sd.get("codebook")).to(run.acc.device)
     model.load_state_dict(sd)
     return model
 
