@@ -2,7 +2,9 @@
 
 A shard directory holds `meta.json` plus Parquet shards (HF `datasets` schema) with the columns
 `codes` (V, h, w, G) small-int sub-token indices of V augmented views, `label` (ClassLabel) and `index`.
-Each item is one view of one image: `(codes (h, w, G) int64, label int64)`. The shards are read through
+Each item is one view of one image: `(codes (h, w, G) int64, label int64)`; for a text-conditional GPT
+(conditioning="text") `(codes, caption features (T, D) float32, mask (T,) bool)`, the features read from the shards'
+`caption_features` / `caption_length` columns and left-padded to T (LlamaGen's layout). The shards are read through
 `datasets` (Arrow, memory-mapped), so nothing is loaded into RAM up front.
 
 This module reads only the shards and meta.json; it never imports `tokenizer`.
@@ -97,10 +99,28 @@ class CodeShardDataset(Dataset):
 
     def __init__(self, path: str, groups: int | None = None, codebook_size: int | None = None, grid=None,
                  view: str | int = "random", seed: int | None = None, config: Any = None,
-                 cache_dir: str | None = None):
+                 cache_dir: str | None = None, conditioning: str | None = None, caption_tokens: int | None = None):
         self.path = path
         self._meta = read_meta(path)
         m = self._meta
+        self.conditioning = conditioning or getattr(config, "conditioning", None) or "class"
+        if self.conditioning not in ("class", "text"):
+            raise ValueError(f"conditioning={self.conditioning!r}: valid: 'class', 'text'")
+        if self.conditioning == "text":
+            feat = (m.get("captions") or {}).get("features")
+            if not feat:
+                raise ValueError(f"{path!r} holds no caption features (meta.json captions.features); a text-"
+                                 f"conditional GPT trains on shards written with captions and a caption encoder "
+                                 f"(mgvq cache-codes --caption-column/--caption-sidecar --caption-encoder T5)")
+            T = caption_tokens or getattr(config, "caption_tokens", None) or feat["max_length"]
+            want_dim = getattr(config, "caption_dim", None)
+            if want_dim is not None and want_dim != feat["dim"]:
+                raise ValueError(f"caption_dim mismatch: the generator expects {want_dim} but the caption features in "
+                                 f"{path!r} have {feat['dim']} ({feat.get('encoder')})")
+            if T < feat["max_length"]:
+                raise ValueError(f"caption_tokens={T} is shorter than the shards' caption encoder max_length="
+                                 f"{feat['max_length']}")
+            self.caption_tokens, self.caption_dim = int(T), int(feat["dim"])
         groups, codebook_size, grid = _config_values(config, groups, codebook_size, grid)
         for name, want, have in (("groups (G)", groups, m["groups"]),
                                  ("codebook_size (K)", codebook_size, m["codebook_size"]),
@@ -143,7 +163,8 @@ class CodeShardDataset(Dataset):
         if len(ds) != m["counts"]["written"]:
             raise ValueError(f"{path!r}: shards hold {len(ds)} rows but meta.json counts.written="
                              f"{m['counts']['written']}")
-        self._ds = ds.with_format("numpy", columns=["codes", "label"])
+        cols = ["codes", "label"] if self.conditioning == "class" else ["codes", "caption_features", "caption_length"]
+        self._ds = ds.with_format("numpy", columns=cols)
 
     @property
     def meta(self) -> dict:
@@ -176,6 +197,14 @@ class CodeShardDataset(Dataset):
         batch = self._ds[idx]
         codes = batch["codes"][np.arange(len(idx)), self._views(idx)]  # (B, h, w, G)
         codes = torch.from_numpy(np.ascontiguousarray(codes, dtype=np.int64))
+        if self.conditioning == "text":  # left-pad each caption's n valid rows to (T, D)
+            T, n = self.caption_tokens, np.asarray(batch["caption_length"], dtype=np.int64)
+            feats = np.zeros((len(idx), T, self.caption_dim), np.float32)
+            for b, rows in enumerate(batch["caption_features"]):
+                if n[b]:
+                    feats[b, T - n[b]:] = np.asarray(rows, dtype=np.float32).reshape(n[b], self.caption_dim)
+            mask = torch.from_numpy(np.arange(T)[None] >= (T - n)[:, None])
+            return list(zip(codes.unbind(0), torch.from_numpy(feats).unbind(0), mask.unbind(0)))
         labels = torch.from_numpy(np.asarray(batch["label"], dtype=np.int64))
         return list(zip(codes.unbind(0), labels.unbind(0)))
 

@@ -23,7 +23,8 @@ import sys
 
 VERBS: dict[str, tuple[str, str]] = {
     "train-tokenizer": ("tokenizer.train", "train the MGVQ tokenizer (accelerate; CPU, GPU, DDP)"),
-    "cache-codes": ("tokenizer.cache_codes", "tokenize an image dataset into `datasets` shards"),
+    "cache-codes": ("pipelines.cache_codes", "tokenize an image dataset into `datasets` shards (+ captions / T5 "
+                                             "caption features)"),
     "train-generator": ("pipelines.train_generator", "train the class-conditional GPT (accelerate / DeepSpeed ZeRO); "
                                                      "tokenizer=DIR: decoded samples + a pipeline folder"),
     "sample": ("pipelines.sample", "sample images from a saved pipeline"),

@@ -13,6 +13,12 @@ Output (--out):
       codes  Array4D (V, h, w, G) in the smallest integer type holding K (uint8 / int16 / int32)
       label  ClassLabel(names=class names)
       index  int64, position of the source image in the dataset
+      caption           string (with --caption-column NAME of a datasets source, --caption-sidecar: IMAGE.txt beside
+                        each image of a folder, or caption_fn= from Python)
+      caption_length    int32, valid caption-feature tokens n (with a caption encoder: `mgvq cache-codes
+                        --caption-encoder T5_ID_OR_DIR`, or caption_features_fn= from Python)
+      caption_features  Array2D (n, D) float16: the caption's n valid encoder rows in order (no padding; readers
+                        left-pad them to the encoder's max_length T, recorded in meta.json "captions")
 
 Views: "flip" (default, V=2): centre crop + its horizontal flip. "ten-crop" (V=20): LlamaGen's TenCrop (4 corners +
 centre, then the same five of the flipped image) of the centre crop at int(size*1.1), then again at int(size*1.05).
@@ -162,17 +168,42 @@ def shard_name(k: int, n: int) -> str:
     return f"data/codes-{k:05d}-of-{n:05d}.parquet"
 
 
-def shard_features(num_views: int, grid: tuple[int, int], groups: int, dtype: str, class_names: list[str]):
+def shard_features(num_views: int, grid: tuple[int, int], groups: int, dtype: str, class_names: list[str],
+                   captions: dict | None = None):
     import datasets
 
-    return datasets.Features({
+    cols = {
         "codes": datasets.Array4D(shape=(num_views, grid[0], grid[1], groups), dtype=dtype),
         "label": datasets.ClassLabel(names=list(class_names)),
         "index": datasets.Value("int64"),
-    })
+    }
+    if captions:
+        cols["caption"] = datasets.Value("string")
+        if captions.get("features"):
+            cols["caption_length"] = datasets.Value("int32")
+            cols["caption_features"] = datasets.Array2D(shape=(None, captions["features"]["dim"]), dtype="float16")
+    return datasets.Features(cols)
 
 
-def shard_table(codes: np.ndarray, labels: np.ndarray, index: np.ndarray, features):
+def _caption_arrays(features, captions: list[str], cap_feats: list[np.ndarray] | None) -> list:
+    """caption (+ caption_length, caption_features) Arrow columns; cap_feats: per image (n_i, D) float16 rows."""
+    import pyarrow as pa
+
+    arrays = [pa.array(list(captions), pa.string())]
+    if "caption_features" in features:
+        D = int(features["caption_features"].shape[1])
+        lengths = np.array([len(f) for f in cap_feats], dtype=np.int32)
+        flat = np.concatenate(cap_feats).astype(np.float16) if cap_feats else np.zeros((0, D), np.float16)
+        rows = pa.ListArray.from_arrays(pa.array(np.arange(len(flat) + 1, dtype=np.int32) * D),
+                                        pa.array(flat.reshape(-1)))
+        outer = pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)), rows)
+        arrays += [pa.array(lengths, pa.int32()),
+                   pa.ExtensionArray.from_storage(features.arrow_schema.field("caption_features").type, outer)]
+    return arrays
+
+
+def shard_table(codes: np.ndarray, labels: np.ndarray, index: np.ndarray, features, captions: list[str] | None = None,
+                cap_feats: list[np.ndarray] | None = None):
     """Arrow table with the HF schema (Array4D storage = nested lists), built from the flat buffers in O(1) Python
     (100x faster than datasets.Dataset.from_dict, which walks the rows)."""
     import pyarrow as pa
@@ -184,21 +215,24 @@ def shard_table(codes: np.ndarray, labels: np.ndarray, index: np.ndarray, featur
     for size in reversed(codes.shape[1:]):  # innermost (G) first, then w, h, V
         count = len(arr) // size
         arr = pa.ListArray.from_arrays(pa.array(np.arange(count + 1, dtype=np.int32) * size), arr)
+    extra = _caption_arrays(features, captions or [], cap_feats) if "caption" in features else []
     return pa.Table.from_arrays([pa.ExtensionArray.from_storage(schema.field("codes").type, arr),
-                                 pa.array(labels, pa.int64()), pa.array(index, pa.int64())], schema=schema)
+                                 pa.array(labels, pa.int64()), pa.array(index, pa.int64())] + extra, schema=schema)
 
 
-def write_shard(path: str, codes: np.ndarray, labels: np.ndarray, index: np.ndarray, features) -> None:
+def write_shard(path: str, codes: np.ndarray, labels: np.ndarray, index: np.ndarray, features,
+                captions: list[str] | None = None, cap_feats: list[np.ndarray] | None = None) -> None:
     """Write one shard atomically: a temp file in the same folder, then rename (a partial file is never visible)."""
     import pyarrow.parquet as pq
 
     tmp = os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    pq.write_table(shard_table(codes, labels, index, features), tmp)  # schema metadata carries the HF features
+    pq.write_table(shard_table(codes, labels, index, features, captions, cap_feats), tmp)  # + the HF features
     os.replace(tmp, path)
 
 
 def _fixed_meta(tok, tok_sha: str, tokenizer: str, source, source_desc: dict, grid, image_size: int, views: str,
-                precision: str, limit: int | None, shard_size: int, class_names: list[str]) -> dict:
+                precision: str, limit: int | None, shard_size: int, class_names: list[str],
+                captions: dict | None = None) -> dict:
     cfg = tok.config
     n = len(source) if limit is None else min(limit, len(source))
     return {
@@ -218,11 +252,12 @@ def _fixed_meta(tok, tok_sha: str, tokenizer: str, source, source_desc: dict, gr
         "source": {**source_desc, "num_images": n},
         "shard_size": int(shard_size),
         "num_shards": (n + shard_size - 1) // shard_size,
+        "captions": captions,
     }
 
 
 _CHECKED = ("format", "version", "groups", "codebook_size", "grid", "dtype", "image_size", "views", "precision",
-            "class_names", "source", "shard_size", "num_shards")
+            "class_names", "source", "shard_size", "num_shards", "captions")
 
 
 def check_existing_meta(out: str, fixed: dict) -> None:
@@ -306,11 +341,29 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="only the first N images (quick runs)")
     p.add_argument("--class-names", default=None, help="comma-separated class names replacing the source's (e.g. "
                                                         "for IDX files, which carry only class numbers)")
+    p.add_argument("--caption-column", default=None, help="store each image's caption from this column of a "
+                                                          "datasets source")
+    p.add_argument("--caption-sidecar", action="store_true", help="store each image's caption from IMAGE.txt beside "
+                                                                  "it (image folders)")
+    p.add_argument("--caption-encoder", default=None, help="also store T5 caption features (fp16, with lengths): a "
+                                                           "T5 / FLAN-T5 hub id or folder (e.g. google/flan-t5-xl)")
+    p.add_argument("--caption-max-length", type=int, default=120, help="caption tokens T of the encoder (LlamaGen: "
+                                                                       "120)")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, text_encoder_factory=None) -> int:
+    """text_encoder_factory(name_or_path, max_length) -> a caption_features_fn (the pipelines-level `mgvq cache-codes`
+    passes pipelines.text_encoder's T5 loader; tokenizer/ never imports it)."""
     args = _parser().parse_args(argv)
+    features_fn = None
+    if args.caption_encoder:
+        if not (args.caption_column or args.caption_sidecar):
+            raise ValueError("--caption-encoder needs captions: --caption-column NAME or --caption-sidecar")
+        if text_encoder_factory is None:
+            raise ValueError("--caption-encoder: run it as `mgvq cache-codes` (python -m pipelines.cache_codes), "
+                             "which wires in the T5 encoder")
+        features_fn = text_encoder_factory(args.caption_encoder, args.caption_max_length)
     class_names = None
     if args.class_names:
         class_names = [c.strip() for c in args.class_names.split(",")]
@@ -318,7 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     run(tokenizer=args.tokenizer, data=data, out=args.out, split=legacy_split or args.split,
         label_column=args.label_column, views=args.views, image_size=args.image_size, batch_size=args.batch_size,
         shard_size=args.shard_size, num_workers=args.num_workers, precision=args.precision, limit=args.limit,
-        class_names=class_names)
+        class_names=class_names, caption_column=args.caption_column, caption_sidecar=args.caption_sidecar,
+        caption_features_fn=features_fn,
+        caption_features_desc={"encoder": args.caption_encoder} if args.caption_encoder else None)
     return 0
 
 
@@ -347,11 +402,22 @@ def _load_tokenizer(tokenizer: str, device):
 def run(*, tokenizer: str, data: str, out: str, split: str = "train", label_column: str | None = None,
         views: str = "flip", image_size: int | None = None, batch_size: int = 64,
         shard_size: int = 4096, num_workers: int = 2, precision: str = "fp32", limit: int | None = None,
-        class_names: list[str] | None = None) -> dict:
+        class_names: list[str] | None = None, caption_column: str | None = None, caption_sidecar: bool = False,
+        caption_fn=None, caption_desc: str | None = None, caption_features_fn=None,
+        caption_features_desc: dict | None = None) -> dict:
     """The whole extraction for this process (rank); returns its stats (images, seconds in the encode loop, shards,
     skipped, complete). Arguments as the command line's (see `mgvq cache-codes --help`); `class_names` replaces the
-    source's class names (e.g. Fashion-MNIST's, whose IDX files carry only numbers)."""
+    source's class names (e.g. Fashion-MNIST's, whose IDX files carry only numbers).
+
+    Captions (one source at most): caption_column (a datasets source's column), caption_sidecar (IMAGE.txt beside each
+    image of a folder) or caption_fn(index, label) -> str (with caption_desc naming it in meta.json, which a resumed
+    run must match). caption_features_fn(list of captions) -> (features (B, T, D), mask (B, T) bool), left-padded
+    (e.g. pipelines.text_encoder.T5TextEncoder): each image's valid rows are stored in float16 with their count."""
     _check_settings(batch_size, shard_size, num_workers, limit, image_size, views, precision)
+    if sum([caption_column is not None, bool(caption_sidecar), caption_fn is not None]) > 1:
+        raise ValueError("captions: give one of caption_column, caption_sidecar, caption_fn")
+    if caption_features_fn is not None and caption_column is None and not caption_sidecar and caption_fn is None:
+        raise ValueError("caption_features_fn needs captions: caption_column, caption_sidecar or caption_fn")
     check_output_dir(out, what="--out")  # before any loading: an unwritable --out fails now, not after hours
     from runtime.accel import build_accelerator
 
@@ -369,8 +435,10 @@ def run(*, tokenizer: str, data: str, out: str, split: str = "train", label_colu
     if len(names) < len(source.class_names):
         raise ValueError(f"class_names: {len(names)} names for {len(source.class_names)} classes in {data!r}")
     grid = (image_size // f, image_size // f)
+    get_caption, captions_meta = _caption_source(source, caption_column, caption_sidecar, caption_fn, caption_desc,
+                                                 caption_features_fn, caption_features_desc)
     fixed = _fixed_meta(tok, tok_sha, tokenizer, source, source_desc, grid, image_size, views, precision, limit,
-                        shard_size, names)
+                        shard_size, names, captions_meta)
     n_bytes = fixed["source"]["num_images"] * fixed["views"]["count"] * grid[0] * grid[1] * tok.config.groups
     check_output_dir(out, need_bytes=n_bytes * np.dtype(fixed["dtype"]).itemsize, what="--out")  # uncompressed
     os.makedirs(os.path.join(out, "data"), exist_ok=True)
@@ -378,13 +446,48 @@ def run(*, tokenizer: str, data: str, out: str, split: str = "train", label_colu
     if not os.path.isfile(os.path.join(out, META_NAME)):  # every rank may write it: the content is identical
         write_json(os.path.join(out, META_NAME), {**fixed, "complete": False})
     with RunLock(out, "--out", enabled=acc.is_main_process):
-        stats = _encode_my_shards(acc, tok, source, fixed, out, batch_size, num_workers)
+        stats = _encode_my_shards(acc, tok, source, fixed, out, batch_size, num_workers, get_caption,
+                                  caption_features_fn)
     meta = finalize(out, fixed)  # the last rank to finish sees every shard and writes the final meta.json
     if meta is not None:
         c = meta["counts"]
         print(f"cache-codes: complete: {c['written']} images written, {c['skipped']} skipped as unreadable "
               f"({fixed['num_shards']} shards in {out!r}, {len(meta['empty_shards'])} of them empty)", file=sys.stderr)
     return {**stats, "complete": meta is not None}
+
+
+def _caption_source(source, column, sidecar, fn, desc, features_fn, features_desc):
+    """(index -> caption or None, the meta.json "captions" entry or None)."""
+    if column is None and not sidecar and fn is None:
+        return None, None
+    if column is not None:
+        ds = getattr(source, "ds", None)
+        if ds is None or column not in ds.column_names:
+            have = ds.column_names if ds is not None else f"none: {type(source).__name__} is not a datasets source"
+            raise ValueError(f"--caption-column {column!r}: not a column of the source (columns: {have})")
+        texts = [str(t) for t in ds[column]]
+        get, what = (lambda i, label: texts[i]), f"column:{column}"
+    elif sidecar:
+        paths = getattr(source, "paths", None)
+        if paths is None:
+            raise ValueError(f"--caption-sidecar needs an image folder source (IMAGE.txt beside each image); "
+                             f"{type(source).__name__} has no image files")
+
+        def get(i, label):
+            txt = os.path.splitext(paths[i])[0] + ".txt"
+            if not os.path.isfile(txt):
+                raise FileNotFoundError(f"--caption-sidecar: {txt} not found (a caption file beside {paths[i]})")
+            with open(txt, encoding="utf-8") as fh:
+                return " ".join(fh.read().split())
+        what = "sidecar:.txt"
+    else:
+        get, what = fn, f"function:{desc or getattr(fn, '__name__', 'caption_fn')}"
+    meta = {"source": what, "features": None}
+    if features_fn is not None:
+        feats, mask = features_fn(["a"])  # probe: T and D of the encoder's left-padded output
+        meta["features"] = {"dim": int(feats.shape[-1]), "max_length": int(feats.shape[1]), "dtype": "float16",
+                            "padding": "left", **(features_desc or {})}
+    return get, meta
 
 
 class _ShardWriter:
@@ -397,9 +500,9 @@ class _ShardWriter:
         self.torch_dtype = {"uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32}[fixed["dtype"]]
         self.pool, self.pending, self.written = ThreadPoolExecutor(max_workers=1), None, 0
         self.cur, self.remaining = None, 0
-        self.codes, self.labels, self.index = [], [], []
+        self.codes, self.labels, self.index, self.captions, self.cap_feats = [], [], [], [], []
 
-    def add(self, k: int, count: int, codes=None, labels=None, index=None) -> None:
+    def add(self, k: int, count: int, codes=None, labels=None, index=None, captions=None, cap_feats=None) -> None:
         """`count` images of shard k done (`codes` etc. for the readable ones); writes the shard when complete."""
         if self.cur is None:
             self.cur, self.remaining = k, min((k + 1) * self.S, self.n) - k * self.S
@@ -408,6 +511,8 @@ class _ShardWriter:
             self.codes.append(codes.to(self.torch_dtype))
             self.labels.append(labels.numpy())
             self.index.append(index.numpy())
+            self.captions += list(captions or [])
+            self.cap_feats += list(cap_feats or [])
         self.remaining -= count
         if self.remaining == 0:
             f = self.fixed
@@ -417,8 +522,9 @@ class _ShardWriter:
             self.pending = self.pool.submit(
                 write_shard, os.path.join(self.out, shard_name(self.cur, f["num_shards"])), codes,
                 np.concatenate(self.labels) if self.labels else np.zeros(0, np.int64),
-                np.concatenate(self.index) if self.index else np.zeros(0, np.int64), self.features)
-            self.codes, self.labels, self.index, self.cur = [], [], [], None
+                np.concatenate(self.index) if self.index else np.zeros(0, np.int64), self.features,
+                self.captions, self.cap_feats if f.get("captions") and f["captions"].get("features") else None)
+            self.codes, self.labels, self.index, self.captions, self.cap_feats, self.cur = [], [], [], [], [], None
 
     def drain(self) -> None:
         if self.pending is not None:
@@ -430,7 +536,8 @@ class _ShardWriter:
         self.pool.shutdown()
 
 
-def _encode_my_shards(acc, tok, source, fixed: dict, out: str, batch_size: int, num_workers: int) -> dict:
+def _encode_my_shards(acc, tok, source, fixed: dict, out: str, batch_size: int, num_workers: int, get_caption=None,
+                      caption_features_fn=None) -> dict:
     """Encode and write the shards this rank owns (k % world == rank) that do not exist yet."""
     from tqdm import tqdm
 
@@ -443,7 +550,8 @@ def _encode_my_shards(acc, tok, source, fixed: dict, out: str, batch_size: int, 
     todo = [k for k in mine if not os.path.isfile(os.path.join(out, shard_name(k, n_shards)))]
     batches = [list(range(s, min(s + batch_size, (k + 1) * S, n)))
                for k in todo for s in range(k * S, min((k + 1) * S, n), batch_size)]
-    features = shard_features(V, fixed["grid"], fixed["groups"], fixed["dtype"], fixed["class_names"])
+    features = shard_features(V, fixed["grid"], fixed["groups"], fixed["dtype"], fixed["class_names"],
+                              fixed.get("captions"))
     loader = DataLoader(_ViewsDataset(source, fixed["image_size"], fixed["views"]["mode"]), batch_sampler=batches,
                         num_workers=num_workers, collate_fn=_collate, pin_memory=acc.device.type == "cuda",
                         persistent_workers=False)
@@ -466,10 +574,17 @@ def _encode_my_shards(acc, tok, source, fixed: dict, out: str, batch_size: int, 
             with torch.autocast("cuda", dtype=torch.bfloat16) if fixed["precision"] == "bf16" else nullcontext():
                 idx = tok.encode(x)
             codes = idx.view(len(index), V, *idx.shape[1:])
+        captions = cap_feats = None
+        if get_caption is not None and len(index):
+            captions = [get_caption(int(i), int(y)) for i, y in zip(index, labels)]
+            if caption_features_fn is not None:  # left-padded: keep each row's last n (valid) rows, float16
+                feats, mask = caption_features_fn(captions)
+                feats = feats.to(torch.float16).cpu().numpy()
+                cap_feats = [feats[b, feats.shape[1] - n:] for b, n in enumerate(mask.sum(1).tolist())]
         for i, why in bad:
             tqdm.write(f"rank {rank}: skipping unreadable image {i}: {why}", file=sys.stderr)
         skipped += len(bad)
-        writer.add(k, len(index) + len(bad), codes, labels, index)
+        writer.add(k, len(index) + len(bad), codes, labels, index, captions, cap_feats)
         bar.update(len(index) + len(bad))
     writer.close()
     if acc.device.type == "cuda":
