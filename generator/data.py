@@ -177,6 +177,12 @@ class CodeShardDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def captions(self, indices) -> list[str]:
+        """The stored caption strings of items `indices` (shards written with captions)."""
+        if "caption" not in self._ds.column_names:
+            raise ValueError(f"{self.path!r}: the shards hold no captions")
+        return [str(c) for c in self._ds.with_format(None).select(list(indices))["caption"]]
+
     def __len__(self) -> int:
         return len(self._ds)
 

@@ -84,7 +84,7 @@ class TrainConfig(RunConfig):
     out_dir: str = "runs/generator"
     keep_checkpoints: int = 3
     sample_every: int = 5000  # 0 = only at the end
-    sample_classes: list | None = None  # default: the first 8 classes
+    sample_classes: list | None = None  # default: the first 8 classes (text models: item indices, their captions)
     sample_cfg_scale: float = 4.0
     sample_temperature: float = 1.0
     sample_top_k: int | None = None
@@ -232,12 +232,16 @@ def build_dataset(cfg: TrainConfig, model_args: dict):
     """(dataset, meta): the code shards (G/K/grid/classes checked against model_args) or synthetic codes."""
     if cfg.data == "synthetic":
         c = GPTConfig.from_dict({**PRESETS[cfg.model], **model_args})
+        if c.conditioning == "text":
+            raise ValueError("model_overrides.conditioning=text trains on caption shards (mgvq cache-codes with "
+                             "captions and --caption-encoder); data=synthetic has no captions")
         ds = SyntheticCodes(cfg.synthetic_size, c.grid, c.groups, c.codebook_size, c.num_classes, seed=cfg.seed)
         return ds, ds.meta
     from .data import CodeShardDataset
 
     ds = CodeShardDataset(cfg.data, groups=model_args.get("groups"), codebook_size=model_args.get("codebook_size"),
-                          grid=model_args.get("grid"), view=cfg.view, seed=cfg.seed)
+                          grid=model_args.get("grid"), view=cfg.view, seed=cfg.seed,
+                          conditioning=model_args.get("conditioning"), caption_tokens=model_args.get("caption_tokens"))
     return ds, ds.meta
 
 
@@ -263,6 +267,13 @@ def model_overrides_from_meta(cfg: TrainConfig) -> dict:
     if args.get("num_classes", n) < n:
         raise ValueError(f"model_overrides.num_classes={args['num_classes']} < {n} classes in {cfg.data!r}")
     args.setdefault("num_classes", n)
+    feat = (meta.get("captions") or {}).get("features")
+    if args.get("conditioning") == "text" and feat:  # caption width / length from the shards' caption encoder
+        if args.get("caption_dim", feat["dim"]) != feat["dim"]:
+            raise ValueError(f"model_overrides.caption_dim={args['caption_dim']} but the caption features in "
+                             f"{cfg.data!r} have dim {feat['dim']} (meta.json captions.features)")
+        args["caption_dim"] = feat["dim"]
+        args.setdefault("caption_tokens", feat["max_length"])
     return args
 
 
@@ -277,8 +288,8 @@ class LossModule(nn.Module):
         super().__init__()
         self.gpt = gpt
 
-    def forward(self, codes, labels):
-        out = self.gpt.compute_loss(codes, labels)
+    def forward(self, codes, cond, cond_mask=None):  # cond: labels, or caption features + their mask (text)
+        out = self.gpt.compute_loss(codes, cond, cond_mask)
         return out["loss"], out["group_losses"]
 
 
@@ -362,7 +373,7 @@ def build_model(cfg: TrainConfig, margs: dict, meta: dict, codebook: torch.Tenso
                              f"{k}={margs[k]}; valid: a model trained on codes of the same tokenizer and grid")
     if gcfg.num_classes < int(meta.get("num_classes", 0)):
         raise ValueError(f"model num_classes={gcfg.num_classes} < {meta['num_classes']} classes in {cfg.data!r}")
-    bad_cls = [c for c in (cfg.sample_classes or []) if c >= gcfg.num_classes]
+    bad_cls = [c for c in (cfg.sample_classes or []) if c >= gcfg.num_classes and gcfg.conditioning == "class"]
     if bad_cls:
         raise ValueError(f"sample_classes={cfg.sample_classes}: {bad_cls} out of range; valid: 0.."
                          f"{gcfg.num_classes - 1}")
@@ -489,10 +500,9 @@ def train_step(run: Run, batches) -> tuple[torch.Tensor, float, bool]:
     engine = run.model if is_deepspeed(acc) else None
     skipped_before = engine.skipped_steps if engine is not None else 0
     for _ in range(run.accum):
-        codes, labels = next(batches)
-        codes, labels = codes.to(acc.device, non_blocking=True), labels.to(acc.device, non_blocking=True)
+        codes, *cond = (t.to(acc.device, non_blocking=True) for t in next(batches))  # cond: labels | feats, mask
         with acc.accumulate(run.model), acc.autocast():
-            loss, group_losses = run.model(codes, labels)
+            loss, group_losses = run.model(codes, *cond)
             stats[0] += loss.detach().float() / run.accum
             stats[1:1 + G] += group_losses.detach().float() / run.accum
             stats[1 + G] += (~torch.isfinite(loss.detach())).float()
@@ -565,6 +575,14 @@ def sample(run: Run) -> None:
     `decode_fn` when given, else group 0's code map) + the trackers."""
     cfg = run.cfg
     labels = cfg.sample_classes if cfg.sample_classes is not None else list(range(min(8, run.gcfg.num_classes)))
+    text = run.gcfg.conditioning == "text"
+    if text:  # the captions of the first items (sample_classes: their indices); rows labelled with the captions
+        items = EpochIndexed(run.ds).__getitems__([(0, i) for i in (cfg.sample_classes or range(min(8, len(run.ds))))])
+        cond = dict(cond=torch.stack([f for _, f, _ in items]).to(run.acc.device),
+                    cond_mask=torch.stack([m for _, _, m in items]).to(run.acc.device))
+        row_names = run.ds.captions(cfg.sample_classes or range(len(items)))
+    else:
+        cond = dict(cond=torch.tensor(labels))
     model = _sampling_model(run)
     if run.main and labels:
         from .generate import generate
@@ -572,20 +590,21 @@ def sample(run: Run) -> None:
         names = run.meta.get("class_names") or []
         gen = torch.Generator(device=run.acc.device).manual_seed(cfg.seed)
         with torch.no_grad(), run.acc.autocast():
-            codes = generate(model, torch.tensor(labels), guidance_scale=cfg.sample_cfg_scale,
+            codes = generate(model, **cond, guidance_scale=cfg.sample_cfg_scale,
                              temperature=cfg.sample_temperature, top_k=cfg.sample_top_k, generator=gen)
         base = os.path.join(cfg.out_dir, "samples", ckpt.step_dir_name(run.step))
         os.makedirs(os.path.dirname(base), exist_ok=True)
         from runtime.io import save_tensors
 
-        save_tensors(base + ".safetensors", {"codes": codes, "labels": torch.tensor(labels)})
+        save_tensors(base + ".safetensors", {"codes": codes, "labels": torch.tensor(labels)} if not text else
+                     {"codes": codes, "caption_features": cond["cond"], "caption_mask": cond["cond_mask"]})
         if run.decode_fn is not None:
             with torch.no_grad():
                 images = to_uint8(run.decode_fn(codes).float(), (-1.0, 1.0))
         else:
             images = code_map_images(codes, run.gcfg.codebook_size)
         save_grid(images, base + ".png", ncol=1,
-                  row_labels=[names[c] if c < len(names) else f"class {c}" for c in labels])
+                  row_labels=row_names if text else [names[c] if c < len(names) else f"class {c}" for c in labels])
         run.logger.log_images("samples", images, run.step, base + ".png")
     run.model.train()
     run.acc.wait_for_everyone()
@@ -593,16 +612,15 @@ def sample(run: Run) -> None:
 
 def _eval_batch(run: Run):
     items = EpochIndexed(run.ds).__getitems__([(0, i) for i in range(min(run.cfg.batch_size, len(run.ds)))])
-    return (torch.stack([c for c, _ in items]).to(run.acc.device),
-            torch.stack([lb for _, lb in items]).to(run.acc.device))
+    return tuple(torch.stack(col).to(run.acc.device) for col in zip(*items))  # codes, labels | codes, feats, mask
 
 
 def export(run: Run) -> dict:
     """Eval loss on a fixed batch, final/ (+ final_ema/) weights with id2label.json, checked by reloading them."""
     run.model.eval()
-    codes, labels = _eval_batch(run)
+    codes, *labels = _eval_batch(run)  # labels: [labels] | [caption features, mask]
     with torch.no_grad(), run.acc.autocast():
-        eval_loss = float(run.model(codes, labels)[0])
+        eval_loss = float(run.model(codes, *labels)[0])
     final_dir = os.path.join(run.cfg.out_dir, "final")
     ckpt_dir = run.last_ckpt or str(run.folder.latest())
     summary = {"step": run.step, "skipped_steps": run.guard.skipped_steps, "final_eval_loss": eval_loss,
@@ -621,7 +639,8 @@ def export(run: Run) -> dict:
         exported.load_state_dict(sd, strict=True)
         exported.save_pretrained(final_dir)
         with torch.no_grad():
-            summary["export_eval_loss"] = float(exported.eval().compute_loss(codes.cpu(), labels.cpu())["loss"])
+            summary["export_eval_loss"] = float(exported.eval().compute_loss(codes.cpu(),
+                                                                             *(t.cpu() for t in labels))["loss"])
         if run.acc.mixed_precision == "no" and abs(summary["export_eval_loss"] - eval_loss) > 1e-4 * max(1, eval_loss):
             raise RuntimeError(f"export check failed: the exported weights give eval loss "
                                f"{summary['export_eval_loss']:.6f} but the trained model {eval_loss:.6f}")
