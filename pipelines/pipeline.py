@@ -10,6 +10,14 @@ gets its own random stream (with one generator, image i's seed is its i-th draw)
 what else is in the batch or with batch_size. `pipe.to("cuda", torch.bfloat16)`, `pipe.to(torch.bfloat16)`;
 `pipe.set_progress_bar_config(disable=True)`; the output is indexable and iterable like diffusers' outputs.
 This is the only place (with the CLI) that wires the two stages together.
+
+Text-conditional generators (GPTConfig.conditioning="text", e.g. `mgvq convert --from llamagen-gpt-t2i` or
+`mgvq demo --text`) come with a T5 text encoder (pipelines.text_encoder, saved under text_encoder/):
+
+    images = pipe(prompt=["a black ankle boot", "a bag"], negative_prompt="blurry", guidance_scale=4.0).images
+
+With guidance and no negative_prompt the uncond half is the GPT's null caption under each prompt's own padding mask
+(LlamaGen); a negative_prompt replaces it (with its own mask).
 """
 from __future__ import annotations
 
@@ -103,17 +111,30 @@ def _number(name: str, v, valid: str, integer: bool = False) -> float:
 
 class MGVQPipeline(MGVQHubMixin, tags=["class-conditional", "image-generation"]):
     def __init__(self, tokenizer: MGVQTokenizer, generator: GPT, id2label: dict | Sequence[str] | None = None,
-                 sampling_defaults: dict | SamplingDefaults | None = None, tokenizer_sha256: str | None = None):
+                 sampling_defaults: dict | SamplingDefaults | None = None, tokenizer_sha256: str | None = None,
+                 text_encoder=None):
         """tokenizer_sha256: sha256 of the weights file of the tokenizer that made the generator's training codes
-        (the shards' meta.json); saved in pipeline_config.json and checked by from_pretrained. None: not recorded."""
+        (the shards' meta.json); saved in pipeline_config.json and checked by from_pretrained. None: not recorded.
+        text_encoder: for a text-conditional generator, a pipelines.text_encoder.T5TextEncoder (prompts ->
+        left-padded caption features + masks) whose width is the generator's caption_dim."""
         check_compatible(tokenizer, generator)
+        self.text_encoder = text_encoder
+        self.is_text = generator.config.conditioning == "text"
+        if text_encoder is not None:
+            gc = generator.config
+            if not self.is_text:
+                raise ValueError("text_encoder= is for text-conditional generators; this one is class-conditional")
+            if text_encoder.dim != gc.caption_dim or text_encoder.max_length > gc.caption_tokens:
+                raise ValueError(f"text encoder gives (max_length={text_encoder.max_length}, dim={text_encoder.dim}) "
+                                 f"features; the generator takes caption_tokens={gc.caption_tokens} (>= max_length), "
+                                 f"caption_dim={gc.caption_dim}")
         self._hub_mixin_config = None  # the folder's config is pipeline_config.json (no root config.json)
         self.tokenizer_sha256 = tokenizer_sha256
         self.tokenizer = tokenizer.eval()
         self.generator = generator.eval()
         self.metrics: dict | None = None
         self._progress_bar_config: dict = {}
-        n = generator.config.num_classes
+        n = generator.config.num_classes if not self.is_text else len(id2label or [])
         if id2label is None:
             id2label = {i: str(i) for i in range(n)}
         elif not isinstance(id2label, dict):
@@ -167,6 +188,8 @@ class MGVQPipeline(MGVQHubMixin, tags=["class-conditional", "image-generation"])
             device = torch.device(device)
         self.generator.to(device=device, dtype=dtype)
         self.tokenizer.to(device=device)
+        if self.text_encoder is not None and device is not None:  # T5 in bfloat16 on CUDA (frozen)
+            self.text_encoder.model.to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else None)
         if dtype is not None and (device or self.device).type == "cuda":
             self.tokenizer.to(dtype=dtype)
         return self
@@ -270,14 +293,27 @@ class MGVQPipeline(MGVQHubMixin, tags=["class-conditional", "image-generation"])
         seeds = torch.randint(0, 2 ** 62, (n,), generator=generator, device=dev).tolist()
         return [torch.Generator(self.device).manual_seed(int(s)) for s in seeds]
 
+    def encode_prompts(self, prompts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """prompts -> (caption features (B, T, caption_dim), mask (B, T) bool) on the generator's device."""
+        if not self.is_text:
+            raise ValueError("prompt= needs a text-conditional generator; this pipeline is class-conditional: pass "
+                             "class_labels (ids or names)")
+        if self.text_encoder is None:
+            raise ValueError("this text-conditional pipeline has no text encoder: pass text_encoder= (a "
+                             "pipelines.text_encoder.T5TextEncoder) or call generator.generate with caption features")
+        feats, mask = self.text_encoder([prompts] if isinstance(prompts, str) else list(prompts))
+        return feats.to(self.device), mask.to(self.device)
+
     @torch.no_grad()
-    def __call__(self, class_labels: int | str | Sequence[int | str], guidance_scale: float | None = None,
+    def __call__(self, class_labels: int | str | Sequence[int | str] | None = None, guidance_scale: float | None = None,
                  temperature: float | list | None = None, top_k: int | list | None = None,
                  top_p: float | list | None = None, cfg_interval: int | None = None, cfg_schedule: str | None = None,
                  groups_to_use: int | None = None, num_images_per_label: int = 1, batch_size: int | None = None,
                  generator: torch.Generator | list[torch.Generator] | None = None, output_type: str = "pil",
-                 return_dict: bool = True, progress: bool = True, compile: bool = False):
-        """Sample images for `class_labels` (ids or names); None settings fall back to the pipeline's defaults.
+                 return_dict: bool = True, progress: bool = True, compile: bool = False,
+                 prompt: str | Sequence[str] | None = None, negative_prompt: str | Sequence[str] | None = None):
+        """Sample images for `class_labels` (ids or names), or for a text-conditional generator for `prompt` (a string
+        or a list; negative_prompt: one string or one per prompt); None settings fall back to the pipeline's defaults.
 
         temperature / top_k / top_p: one value for every sub-codebook or a list of G values (one per group).
         top_k is a COUNT of codes kept (None or 0 = off, 1 = greedy). MGVQ's released sampler (sample_c2i.py)
@@ -298,13 +334,39 @@ class MGVQPipeline(MGVQHubMixin, tags=["class-conditional", "image-generation"])
         groups_to_use = d.groups_to_use if groups_to_use is None else groups_to_use
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type={output_type!r}: valid are 'pil', 'np', 'pt'")
-        if isinstance(class_labels, (int, str)) or (isinstance(class_labels, torch.Tensor) and class_labels.ndim == 0):
-            class_labels = [class_labels]
-        labels = [self.get_label_ids(l)[0] if isinstance(l, str) else int(l) for l in class_labels]
         if num_images_per_label < 1:
             raise ValueError(f"num_images_per_label={num_images_per_label}: must be >= 1")
-        labels = [l for l in labels for _ in range(num_images_per_label)]
-        self._validate(labels, guidance_scale, temperature, top_k, top_p, groups_to_use, cfg_interval, cfg_schedule)
+        conds = None  # text: per image (features, mask, negative features, negative mask)
+        if prompt is not None or self.is_text:
+            if class_labels is not None or prompt is None:
+                raise ValueError("a text-conditional pipeline takes prompt= (not class_labels)" if self.is_text else
+                                 "give class_labels or prompt=, not both")
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            if negative_prompt is not None:
+                neg = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+                if len(neg) != len(prompts):
+                    raise ValueError(f"negative_prompt: {len(neg)} prompts for {len(prompts)} prompts; give one string "
+                                     f"or one per prompt")
+            feats, mask = self.encode_prompts(prompts)
+            rep = lambda t: t.repeat_interleave(num_images_per_label, 0)  # noqa: E731
+            conds = [rep(feats), rep(mask), None, None]
+            if negative_prompt is not None:
+                nf, nm = self.encode_prompts(neg)
+                conds[2:] = [rep(nf), rep(nm)]
+            labels = [p for p in prompts for _ in range(num_images_per_label)]
+            self._validate([], guidance_scale, temperature, top_k, top_p, groups_to_use, cfg_interval, cfg_schedule)
+        else:
+            if negative_prompt is not None:
+                raise ValueError("negative_prompt= needs prompt= (a text-conditional generator)")
+            if class_labels is None:
+                raise ValueError("give class_labels (ids or names)")
+            if isinstance(class_labels, (int, str)) or (isinstance(class_labels, torch.Tensor) and
+                                                        class_labels.ndim == 0):
+                class_labels = [class_labels]
+            labels = [self.get_label_ids(l)[0] if isinstance(l, str) else int(l) for l in class_labels]
+            labels = [l for l in labels for _ in range(num_images_per_label)]
+            self._validate(labels, guidance_scale, temperature, top_k, top_p, groups_to_use, cfg_interval,
+                           cfg_schedule)
         bs = batch_size or len(labels)
         if bs < 1:
             raise ValueError(f"batch_size={batch_size}: must be >= 1")
@@ -315,8 +377,12 @@ class MGVQPipeline(MGVQHubMixin, tags=["class-conditional", "image-generation"])
         codes, images = [], []
         starts = range(0, len(labels), bs)
         for i in tqdm(starts, **{**bar_cfg, "disable": not show or len(starts) == 1}):
-            y = torch.tensor(labels[i:i + bs], device=self.device)
-            c = generate(self.generator, y, guidance_scale=float(guidance_scale), temperature=temperature,
+            if conds is None:
+                y, kw = torch.tensor(labels[i:i + bs], device=self.device), {}
+            else:
+                f, m, nf, nm = (None if t is None else t[i:i + bs] for t in conds)
+                y, kw = f, dict(cond_mask=m, negative_cond=nf, negative_cond_mask=nm)
+            c = generate(self.generator, y, **kw, guidance_scale=float(guidance_scale), temperature=temperature,
                          top_k=top_k, top_p=top_p, cfg_interval=cfg_interval, cfg_schedule=cfg_schedule,
                          generator=gens[i:i + bs], compile=compile, progress=show and len(starts) == 1)
             x = self.tokenizer.decode(c.to(next(self.tokenizer.parameters()).device), groups_to_use=groups_to_use)
@@ -343,10 +409,14 @@ class MGVQPipeline(MGVQHubMixin, tags=["class-conditional", "image-generation"])
         check_same_tokenizer(os.path.join(out_dir, "tokenizer"), self.tokenizer_sha256,
                              what="MGVQPipeline.tokenizer_sha256 (the generator's codes)")
         self.generator.save_pretrained(os.path.join(out_dir, "generator"))
+        if self.text_encoder is not None:  # T5 weights + its tokenizer (tokenizer.json), loaded back offline
+            self.text_encoder.save_pretrained(os.path.join(out_dir, "text_encoder"))
         cfg = {"id2label": {str(k): v for k, v in self.id2label.items()},
                "sampling_defaults": self.defaults.__dict__, "image_size": self.image_size}
         if self.tokenizer_sha256:
             cfg["tokenizer_sha256"] = self.tokenizer_sha256
+        if self.text_encoder is not None:
+            cfg["text_encoder"] = {"max_length": self.text_encoder.max_length}
         tmp = os.path.join(out_dir, CONFIG_NAME + ".tmp")
         with open(tmp, "w") as f:
             json.dump(cfg, f, indent=2)
@@ -373,8 +443,15 @@ class MGVQPipeline(MGVQHubMixin, tags=["class-conditional", "image-generation"])
                              what=f"{cfg_path} (tokenizer_sha256, from the codes' meta.json)")
         gen = GPT.from_pretrained(os.path.join(path, "generator"))
         id2label = {int(k): v for k, v in cfg.get("id2label", {}).items()} or None
+        text_encoder = None
+        if gen.config.conditioning == "text" and os.path.isdir(os.path.join(path, "text_encoder")):
+            from pipelines.text_encoder import T5TextEncoder
+
+            text_encoder = T5TextEncoder.from_pretrained(
+                os.path.join(path, "text_encoder"), device="cpu", dtype=torch.float32,
+                max_length=(cfg.get("text_encoder") or {}).get("max_length", gen.config.caption_tokens))
         pipe = cls(tok, gen, id2label=id2label, sampling_defaults=cfg.get("sampling_defaults"),
-                   tokenizer_sha256=cfg.get("tokenizer_sha256"))
+                   tokenizer_sha256=cfg.get("tokenizer_sha256"), text_encoder=text_encoder)
         if os.path.isfile(os.path.join(path, METRICS_NAME)):
             pipe.metrics = read_json(os.path.join(path, METRICS_NAME))
         if device is not None or dtype is not None:
@@ -383,6 +460,18 @@ class MGVQPipeline(MGVQHubMixin, tags=["class-conditional", "image-generation"])
 
     def _card(self, repo_id: str) -> dict:  # facts for the generated model card (runtime.hub.render_card)
         tc, gc, n = self.tokenizer.config, self.generator.config, len(self.id2label)
+        if self.is_text:
+            enc = self.text_encoder
+            return dict(title="MGVQ text-to-image pipeline", summary=(
+                f"Prompt -> T5 caption features -> GPT ({gc.groups} sub-tokens per position) -> MGVQ tokenizer "
+                f"decoder -> {self.image_size}x{self.image_size} image."), facts={
+                "tokenizer": f"{tc.backbone}, layout G x K = {tc.groups} x {tc.codebook_size}",
+                "generator": f"GPT {gc.n_layer} x {gc.n_head} x {gc.dim}, caption {gc.caption_tokens} x "
+                             f"{gc.caption_dim}, {self.generator.num_parameters() / 1e6:.2f} M parameters",
+                "text encoder": f"T5, d_model {enc.dim}, max_length {enc.max_length}" if enc else "none",
+                "tokenizer sha256": self.tokenizer_sha256},
+                usage=f"from pipelines import MGVQPipeline\n\npipe = MGVQPipeline.from_pretrained({repo_id!r})\n"
+                      f"pipe(prompt=[\"a bag\"], guidance_scale=4.0).images[0].save(\"sample.png\")")
         names = [self.id2label[i] for i in range(n)]
         shown = ", ".join(names[:20]) + (f", ... ({n} in all)" if n > 20 else "")
         d = {k: v for k, v in self.defaults.__dict__.items() if v is not None}
