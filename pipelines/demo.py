@@ -2,6 +2,7 @@
 
     mgvq demo                       # default run (about 15 minutes on 2 CPU cores), writes runs/demo/
     mgvq demo --quick --out /tmp/d  # smoke run (under 2 minutes): fewer steps, a subset of the data
+    mgvq demo --text                # text-to-image from captions (pipelines.demo_text), writes runs/demo-text/
     python -m pipelines.demo ...    # same thing
 
 Stages (each through its module's Python API; a rerun into the same --out reuses every stage whose settings did not
@@ -315,7 +316,10 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="examples:\n  mgvq demo\n  mgvq demo --quick --out /tmp/mgvq-demo\n"
                                        "  mgvq demo --data-dir ~/data/fashion-mnist --out runs/demo2 --seed 1")
-    p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/demo; with --text runs/demo-text)")
+    p.add_argument("--text", action="store_true", help="text-to-image from captions (class names, synonyms, "
+                                                       "templates) through a T5 encoder: pipelines.demo_text")
+    p.add_argument("--t5", default=None, help="--text: a T5 / FLAN-T5 folder or hub id instead of the random tiny T5")
     p.add_argument("--quick", action="store_true", help="smoke run: few steps on a data subset (under 2 minutes)")
     p.add_argument("--data-dir", default=None, help="folder with the 4 Fashion-MNIST IDX files (.gz or not); default: "
                                                     "/usr/share/datasets/fashion-mnist, else ~/.cache/mgvq (downloaded)")
@@ -428,6 +432,13 @@ def collect_metrics(args, profile: str, p: dict, out: Path, data_path: Path, siz
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.t5 and not args.text:
+        raise SystemExit("--t5 is for --text")
+    args.out = args.out or ("runs/demo-text" if args.text else "runs/demo")
+    if args.text:
+        from pipelines import demo_text
+
+        return demo_text.run(args)
     if args.device != "cpu":
         # the training stages pick their device through accelerate; only sampling / evaluation use --device directly
         torch.device(args.device)  # raises on a malformed device string
