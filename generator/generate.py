@@ -216,15 +216,14 @@ def _attach_caches(model: GPT, rows: int, dtype, device, static: bool) -> None:
     if entry is not None and entry[0] == key:
         for m, c in zip(mods, entry[1]):
             m.kv_cache = c
-        return
-    _CACHES.pop(model, None)  # free the old shape before allocating the new one
-    model.setup_caches(rows, dtype=dtype, device=device)
-    caches = [m.kv_cache for m in mods]
+    else:
+        _CACHES.pop(model, None)  # free the old shape before allocating the new one
+        model.setup_caches(rows, dtype=dtype, device=device)
+        _CACHES[model] = (key, [m.kv_cache for m in mods])
     if static:  # fixed addresses: a captured CUDA graph reads and writes these very buffers on every replay
-        for c in caches:
+        for c in _CACHES[model][1]:
             for buf in (c.k_cache, c.v_cache, c.mask):
                 torch._dynamo.mark_static_address(buf)
-    _CACHES[model] = (key, caches)
 
 
 def release_caches(model: GPT) -> None:

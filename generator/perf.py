@@ -95,6 +95,9 @@ def attention_kernels(fn) -> list[str]:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=acts) as prof:
         fn()
-    names = {e.key for e in prof.key_averages() if "scaled_dot_product" in e.key or "attention" in e.key.lower()}
-    return sorted(n for n in names if n.startswith("aten::_") or "flash" in n.lower() or "fmha" in n.lower()
-                  or "attention_math" in n)
+    names = {e.key for e in prof.key_averages()}
+    ops = {n for n in names if n.startswith("aten::_scaled_dot_product") or n == "aten::_efficient_attention_forward"
+           or n == "aten::_flash_attention_forward"}
+    gpu = {n for n in names if not n.startswith(("aten::", "autograd::", "torch::"))
+           and any(w in n.lower() for w in ("flash", "fmha", "attention"))}  # CUDA kernel names
+    return sorted(ops) + sorted(gpu)
