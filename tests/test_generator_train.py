@@ -261,8 +261,10 @@ def test_sigkill_resume_equals_uninterrupted(tmp_path):
 
 def test_bench_runs_on_cpu():
     out = run([sys.executable, "bench/gpu_train.py", "--preset", "GPT-tiny", "--device", "cpu", "--steps", "2",
-               "--batch-sizes", "2", "--grad-checkpointing", "on", "--groups", "2", "--codebook-size", "64", "--grid", "8"])
-    assert "tokens/s" in out and "GPT-tiny" in out and "ZeRO-2" in out and "| 2 | on |" in out
+               "--warmup", "1", "--batch-sizes", "2", "--configs", "ckpt", "--groups", "2", "--codebook-size", "64",
+               "--grid", "8"])
+    assert "tokens/s" in out and "GPT-tiny" in out and "ZeRO-2" in out and "| ckpt | off | full | off | 2 |" in out
+    assert "_scaled_dot_product_flash_attention_for_cpu" in out  # the SDPA kernel report
 
 
 # ------------------------------------------------------------------------------- with the tokenizer (pipelines/)
