@@ -1,101 +1,259 @@
-"""Multi-group VQ vs a single codebook, same total number of codes, same data, same steps (CPU, a few minutes).
+"""The paper's tokenizer ablation at CPU scale (MGVQ Tables 1 / 5 / 6 in small): one command, one table.
 
-    python bench/tokenizer_groups.py                       # G=4 and G=8 (C=32) vs G=1 (C=8), 1024 codes each
-    python bench/tokenizer_groups.py --steps 600 --groups 4 --ch 32 --out runs/bench-groups
+    python bench/tokenizer_groups.py                                  # the table in docs/results.md (2 seeds at once)
+    python bench/tokenizer_groups.py --seeds 0 --rows single ae g8-nested --steps 300    # a quick look
 
-Data: random 32x32 crops of the colour photos bundled with scikit-image (astronaut, coffee, chelsea, rocket,
-motorcycle, hubble, ...), 4096 for training and 512 held-out crops (another seed) for evaluation. Each model is trained
-with tokenizer.train (L2 + Charbonnier + codebook losses; LPIPS / GAN off to keep it short) and evaluated on the
-held-out crops: PSNR of the dataset-mean MSE (MGVQ eval_recon convention), codebook usage per group (fraction of the
-K codes that encode at least one held-out position), and for the multi-group models PSNR when decoding only the first
-k groups (nested masking: coarse to fine). Prints a table and writes <out>/results.json.
+Every row is the same backbone (LlamaGen's conv VQGAN at `--ch` / `--ch-mult`, the mgvq-tiny layout) trained by
+`tokenizer.train` for the same number of steps on the same data (random crops of the colour photos bundled with
+scikit-image), with the same losses (L2 + Charbonnier + the bottleneck's own term; LPIPS / GAN off to keep it short);
+only the bottleneck differs:
+
+  single          one codebook, G=1, C=8, `--total-codes` codes (LlamaGen's layout: small code dim, big codebook)
+  g4 / g8         MGVQ: C=32 split into G sub-tokens, `--total-codes`/G codes per sub-codebook, no nested masking
+  g4-nested / g8-nested   the same with nested masking (G=4: the paper's [.2, .1, .1, .6]; G=8: our assumption,
+                  tokenizer.quantizer.default_keep_probs(8) = [.2, 1/30 x 6, .6])
+  g8-nested+ft    the released two-stage recipe: g8-nested for (1 - `--ft-frac`) of the steps, then a mask-free
+                  fine-tune (init_from the stage-1 weights, nested_keep_probs=None) for the rest: same total steps
+  ae / kl         continuous baselines with C=32: a plain autoencoder and an SD-VAE-style KL VAE (kl_weight 1e-6)
+  plus the diagnostic rows in ROWS (each one changes one thing about g8 / g8-nested; see docs/results.md).
+
+Evaluation (evaluation.reconstruct.evaluate_reconstruction, on uint8 reconstructions) on 512 held-out crops (another
+seed: new random crops and scales of the same photos): PSNR of the dataset-mean MSE (MGVQ's convention), SSIM, LPIPS
+(VGG; skipped if the weights are absent), codebook usage per group (fraction of the K codes used on the held-out
+crops), and PSNR when decoding only the first k groups (groups_to_use = 1..G, coarse to fine).
+Several seeds run as parallel processes (one torch thread each); the table gives the per-seed PSNRs and the means.
+Writes <out>/results.json (all numbers, per seed) and prints the table.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
+import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from evaluation.reconstruct import evaluate_reconstruction  # noqa: E402
 from tokenizer import MGVQTokenizer  # noqa: E402
 from tokenizer.data import skimage_crops  # noqa: E402
-from tokenizer.train import main as train_main  # noqa: E402
+from tokenizer.quantizer import default_keep_probs  # noqa: E402
+from tokenizer.train import TrainConfig, train  # noqa: E402
 
 
-def psnr_of_mean_mse(x: torch.Tensor, y: torch.Tensor) -> float:
-    mse = ((x.clamp(-1, 1) - y.clamp(-1, 1)) / 2).pow(2).mean().item()
-    return 10 * math.log10(1 / mse)
+def _mgvq(groups: int, nested: bool, total: int, **extra) -> dict:
+    return dict(groups=groups, latent_dim=32, codebook_size=total // groups,
+                nested_keep_probs=default_keep_probs(groups) if nested else None) | extra
 
 
-@torch.no_grad()
-def evaluate(tok: MGVQTokenizer, x: torch.Tensor) -> dict:
+def rows(total: int) -> dict[str, dict]:
+    """name -> {"model": model_overrides, "train": TrainConfig overrides, "stages": 1 | 2, "what": description}."""
+    r = {
+        "single": dict(model=dict(groups=1, latent_dim=8, codebook_size=total, nested_keep_probs=None),
+                       what=f"single codebook G=1 C=8 K={total}"),
+        "g4": dict(model=_mgvq(4, False, total), what=f"MGVQ G=4 C=32 K={total // 4}x4, no masking"),
+        "g4-nested": dict(model=_mgvq(4, True, total), what="MGVQ G=4, nested masking [.2 .1 .1 .6]"),
+        "g8": dict(model=_mgvq(8, False, total), what=f"MGVQ G=8 C=32 K={total // 8}x8, no masking"),
+        "g8-nested": dict(model=_mgvq(8, True, total), what="MGVQ G=8, nested masking (our G=8 schedule)"),
+        "g8-nested+ft": dict(model=_mgvq(8, True, total), stages=2,
+                             what="MGVQ G=8, nested then mask-free fine-tune"),
+        "ae": dict(model=dict(quantizer="none", latent_dim=32, groups=1), what="continuous AE C=32"),
+        "kl": dict(model=dict(quantizer="kl", latent_dim=32, groups=1), what="continuous KL-VAE C=32 (kl 1e-6)"),
+        # diagnostics: each changes one thing about g8 / g8-nested (docs/results.md)
+        "g8-nested-pairs": dict(model=_mgvq(8, False, total, nested_keep_probs=[0, .2, 0, .1, 0, .1, 0, .6]),
+                                what="G=8, G=4's schedule on pairs (k=2,4,6,8)"),
+        "g8-avg": dict(model=_mgvq(8, False, total), train={"loss": {"codebook_weight": 1 / 8}},
+                       what="G=8 no masking, codebook loss averaged over G"),
+        "g8-nested-avg": dict(model=_mgvq(8, True, total), train={"loss": {"codebook_weight": 1 / 8}},
+                              what="G=8 nested, codebook loss averaged over G"),
+    }
+    return r
+
+
+DEFAULT_ROWS = ["single", "ae", "g8", "g8-nested", "g8-nested+ft", "g4", "g4-nested", "kl"]
+
+
+def held_out(n: int, size: int, seed: int) -> np.ndarray:
+    return skimage_crops(n, size, seed=10_000 + seed)[0]  # uint8 (n, S, S, 3); training uses seed `seed`
+
+
+def backbone(args) -> tuple[str, dict]:
+    """(preset, model_overrides) of the shared encoder / decoder; f = 2^(len(widths) - 1)."""
+    n = len(args.widths)
+    if args.backbone == "vqgan":  # LlamaGen's conv VQGAN (mgvq-tiny layout); widths = ch * ch_mult
+        ch = args.widths[0]
+        return "mgvq-tiny", {"vqgan.ch": ch, "vqgan.ch_mult": [w // ch for w in args.widths]}
+    # DC-AE (the released MGVQ backbone family, mgvq-dcae-tiny layout): stage 0 is the pixel-unshuffle stem, then
+    # ResBlock stages and one EViT_GLU stage at the lowest resolution (BatchNorm / ReLU in the decoder's ResBlock
+    # stages, RMSNorm / SiLU in the EViT stage, as released)
+    blocks = ["ResBlock"] * (n - 1) + ["EViT_GLU"]
+    return "mgvq-dcae-tiny", {"dcae.width_list": list(args.widths), "dcae.encoder_depth_list": [0] + [args.depth] * (n - 1),
+                              "dcae.decoder_depth_list": [0] + [args.depth] * (n - 1), "dcae.block_type": blocks,
+                              "dcae.decoder_norm": ["bn2d"] * (n - 1) + ["trms2d"],
+                              "dcae.decoder_act": ["relu"] * (n - 1) + ["silu"]}
+
+
+def train_row(name: str, spec: dict, args, seed: int, out: Path) -> Path:
+    """Train one row with tokenizer.train; returns its save_pretrained folder."""
+    preset, arch = backbone(args)
+    model = {**arch, "reinit_decay": args.reinit_decay, "image_size": args.image_size, **spec["model"]}
+    base = dict(model=preset, data="skimage", num_crops=args.num_crops, image_size=args.image_size,
+                batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule, precision="fp32", resume=None,
+                seed=seed, num_samples=0, log_every=50, log_with="none",
+                loss={"perceptual_weight": 0.0, "disc_weight": 0.0})
+    for k, v in spec.get("train", {}).items():
+        base[k] = base[k] | v if k == "loss" else v
+    if spec.get("stages", 1) == 1:
+        run = out / name
+        train(TrainConfig(**base, model_overrides=model, steps=args.steps, save_every=args.steps,
+                          sample_every=args.steps, out_dir=str(run)))
+        return run / "final"
+    s1 = max(1, round(args.steps * (1 - args.ft_frac)))
+    s2 = args.steps - s1
+    run1, run2 = out / f"{name}.stage1", out / name
+    train(TrainConfig(**base, model_overrides=model, steps=s1, save_every=s1, sample_every=s1, out_dir=str(run1)))
+    train(TrainConfig(**base, init_from=str(run1 / "final"), model_overrides={"nested_keep_probs": None},
+                      steps=s2, save_every=s2, sample_every=s2, out_dir=str(run2)))
+    return run2 / "final"
+
+
+def evaluate(tok: MGVQTokenizer, images: np.ndarray, lpips_fn) -> dict:
     tok.eval()
-    G, K = tok.config.groups, tok.config.codebook_size
-    idx = torch.cat([tok.encode(x[i:i + 128]) for i in range(0, len(x), 128)])  # (N, h, w, G)
-    usage = [len(torch.unique(idx[..., g])) / K for g in range(G)]
-    per_k = []
-    for k in range(1, G + 1):
-        rec = torch.cat([tok.decode(idx[i:i + 128], groups_to_use=k) for i in range(0, len(x), 128)])
-        per_k.append(psnr_of_mean_mse(rec, x))
-    return {"psnr": per_k[-1], "psnr_first_k_groups": per_k, "usage": usage}
+    if tok.is_quantized:
+        enc, dec, groups = tok.encode, (lambda idx, g: tok.decode(idx, groups_to_use=g)), tok.config.groups
+    else:
+        enc, dec, groups = tok.encode_latent, (lambda z, g: tok.decode_latent(z)), 0
+    r = evaluate_reconstruction(enc, dec, images, groups=groups, codebook_size=tok.config.codebook_size,
+                                lpips_fn=lpips_fn, batch_size=128, num_examples=0, progress=False)
+    by_k = r.get("psnr_of_mean_mse_by_groups_to_use", {})
+    return {"psnr": r["psnr_of_mean_mse"], "ssim": r["ssim"], "lpips": r["lpips"],
+            "usage": r.get("codebook_usage"), "psnr_by_groups": [by_k[k] for k in sorted(by_k, key=int)]}
+
+
+def run_seed(args, seed: int) -> dict:
+    torch.set_num_threads(args.threads)
+    out = Path(args.out) / f"seed{seed}"
+    images = held_out(args.eval_crops, args.image_size, seed)
+    lpips_fn = None
+    try:
+        from tokenizer.lpips import load_lpips
+
+        net = load_lpips("vgg", fetch=False).eval()
+        lpips_fn = lambda x, y: net(x, y)  # noqa: E731
+    except FileNotFoundError as e:
+        print(f"LPIPS skipped: {e}")
+    spec = rows(args.total_codes)
+    results = {}
+    for name in args.rows:
+        t0 = time.time()
+        folder = train_row(name, spec[name], args, seed, out)
+        tok = MGVQTokenizer.from_pretrained(str(folder))
+        with torch.no_grad():
+            results[name] = evaluate(tok, images, lpips_fn) | {"params": tok.num_parameters(),
+                                                               "seconds": time.time() - t0}
+        print(f"[seed {seed}] {name}: {json.dumps(results[name])}", flush=True)
+    return results
+
+
+def _fmt(v, f="{:.2f}"):
+    return "-" if v is None else f.format(v)
+
+
+def table(args, per_seed: dict[int, dict]) -> str:
+    spec = rows(args.total_codes)
+    seeds = sorted(per_seed)
+    names = [n for n in args.rows if all(n in per_seed[s] for s in seeds)]
+
+    def mean(name, key):
+        vals = [per_seed[s][name][key] for s in seeds]
+        return None if any(v is None for v in vals) else float(np.mean(vals))
+
+    lines = [f"{args.steps} steps, batch {args.batch_size}, lr {args.lr} {args.lr_schedule}, {args.backbone} widths "
+             f"{args.widths} (f{2 ** (len(args.widths) - 1)}), {args.image_size}px scikit-image crops ({args.num_crops} train / "
+             f"{args.eval_crops} held-out), {args.total_codes} codes per VQ model, seeds {seeds}",
+             "PSNR: dataset-mean MSE; SSIM / LPIPS / usage / PSNR-by-k: mean over seeds; usage = min over groups",
+             f"{'row':<14} {'bottleneck':<44} {'PSNR':>6} {'per seed':>13} {'SSIM':>6} {'LPIPS':>6} {'usage':>6}  "
+             f"PSNR by groups_to_use = 1..G"]
+    for n in names:
+        ps = " / ".join(f"{per_seed[s][n]['psnr']:.2f}" for s in seeds)
+        usage = [min(per_seed[s][n]["usage"]) for s in seeds if per_seed[s][n]["usage"]]
+        by_k = np.mean([per_seed[s][n]["psnr_by_groups"] for s in seeds], axis=0) if per_seed[seeds[0]][n][
+            "psnr_by_groups"] else []
+        lines.append(f"{n:<14} {spec[n]['what']:<44} {mean(n, 'psnr'):>6.2f} {ps:>13} {_fmt(mean(n, 'ssim'), '{:.3f}'):>6} "
+                     f"{_fmt(mean(n, 'lpips'), '{:.3f}'):>6} {_fmt(float(np.mean(usage)) if usage else None):>6}  "
+                     + " ".join(f"{v:.2f}" for v in by_k))
+    return "\n".join(lines)
+
+
+def goals(per_seed: dict[int, dict], g8: str) -> list[str]:
+    """The issue's goal for MGVQ G=8 (row `g8`): >= single + 1.5 dB, within 1 dB of the AE, 100% usage, rising."""
+    seeds = sorted(per_seed)
+    if not all(k in per_seed[s] for s in seeds for k in (g8, "single", "ae")):
+        return []
+    m = {k: float(np.mean([per_seed[s][k]["psnr"] for s in seeds])) for k in (g8, "single", "ae")}
+    usage = min(min(per_seed[s][g8]["usage"]) for s in seeds)
+    by_k = [per_seed[s][g8]["psnr_by_groups"] for s in seeds]
+    rising = all(all(b > a for a, b in zip(v, v[1:])) for v in by_k)
+    return [f"{g8}: vs single {m[g8] - m['single']:+.2f} dB (goal >= +1.5), vs AE {m[g8] - m['ae']:+.2f} dB "
+            f"(goal >= -1.0), min usage {usage:.3f} (goal 1.0), PSNR strictly rising with groups_to_use in every "
+            f"seed: {rising}; AE vs single {m['ae'] - m['single']:+.2f} dB (benchmark sensitivity, goal >= +3)"]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--groups", type=int, nargs="+", default=[4, 8], help="multi-group settings (C=32)")
-    ap.add_argument("--total-codes", type=int, default=1024, help="codes per model (K = total / G)")
-    ap.add_argument("--baseline-dim", type=int, default=8, help="latent dim C of the single-codebook baseline")
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=2e-4)
-    ap.add_argument("--no-nested", action="store_true", help="train the multi-group models without nested masking")
+    ap.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, help=f"rows to run (default {' '.join(DEFAULT_ROWS)})")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one process per seed, run in parallel")
+    ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--image-size", type=int, default=32)
+    ap.add_argument("--lr-schedule", default="cosine", choices=["constant", "cosine"])
+    ap.add_argument("--backbone", default="dcae", choices=["dcae", "vqgan"])
+    ap.add_argument("--widths", type=int, nargs="+", default=[16, 32, 64, 64, 64],
+                    help="channel width per resolution level; n levels -> downsample f = 2^(n-1) (default f16)")
+    ap.add_argument("--depth", type=int, default=1, help="dcae: blocks per stage (encoder and decoder)")
+    ap.add_argument("--total-codes", type=int, default=1024, help="codes per VQ model (K = total / G)")
     ap.add_argument("--reinit-decay", type=float, default=0.1, help="CVQ dead-code EMA rate (reference 0.01)")
-    ap.add_argument("--ch", type=int, default=16, help="VQGAN base width (the mgvq-tiny preset's is 16)")
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest on shared cores)")
+    ap.add_argument("--ft-frac", type=float, default=0.25, help="g8-nested+ft: share of the steps mask-free")
+    ap.add_argument("--num-crops", type=int, default=4096)
+    ap.add_argument("--eval-crops", type=int, default=2048)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process (1 is fastest on shared cores)")
     ap.add_argument("--out", default="runs/bench-tokenizer-groups")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--_json", help=argparse.SUPPRESS)  # internal: a child process writes its seed's results here
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    unknown = sorted(set(args.rows) - set(rows(args.total_codes)))
+    if unknown:
+        ap.error(f"unknown rows {unknown}; valid: {sorted(rows(args.total_codes))}")
+    if not 0 < args.ft_frac < 1:
+        ap.error(f"--ft-frac must be in (0, 1), got {args.ft_frac}")
+    t0 = time.time()
+    if args._json:  # child
+        Path(args._json).write_text(json.dumps(run_seed(args, args.seeds[0])))
+        return 0
     out = Path(args.out)
-
-    tag = " no-nest" if args.no_nested else ""
-    settings = [(f"MGVQ{tag} G={g} C=32 K={args.total_codes // g}",
-                 {"groups": g, "latent_dim": 32, "codebook_size": args.total_codes // g}
-                 | ({"nested_keep_probs": None} if args.no_nested else {})) for g in args.groups]
-    settings.append((f"single codebook G=1 C={args.baseline_dim} K={args.total_codes}",
-                     {"groups": 1, "latent_dim": args.baseline_dim, "codebook_size": args.total_codes,
-                      "nested_keep_probs": None}))
-    held = torch.from_numpy(skimage_crops(512, 32, seed=10_000 + args.seed)[0]).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-    results = []
-    for name, ov in settings:
-        run = out / name.split(" K=")[0].replace(" ", "_").replace("=", "")
-        overrides = [f"model_overrides.{k}={json.dumps(v) if v is not None else 'null'}" for k, v in ov.items()]
-        train_main(["model=mgvq-tiny", f"model_overrides.vqgan.ch={args.ch}",
-                    f"model_overrides.reinit_decay={args.reinit_decay}", *overrides, "data=skimage",
-                    "num_crops=4096", f"steps={args.steps}", f"batch_size={args.batch_size}", f"lr={args.lr}",
-                    "mixed_precision=no", "loss.perceptual_weight=0", "loss.disc_weight=0", "log_every=25",
-                    f"sample_every={args.steps}", f"save_every={args.steps}", "resume=null", f"seed={args.seed}",
-                    f"out_dir={run}"])
-        tok = MGVQTokenizer.from_pretrained(str(run / "final"))
-        r = evaluate(tok, held) | {"model": name, "params": tok.num_parameters()}
-        results.append(r)
-
-    print(f"\n{args.steps} steps, batch {args.batch_size}, lr {args.lr}, VQGAN ch {args.ch}, 32x32 scikit-image crops "
-          f"(4096 train / 512 held-out), {args.total_codes} codes per model")
-    print(f"{'model':<34} {'params':>8} {'PSNR dB':>8} {'min usage':>9}  usage per group        PSNR first k groups")
-    for r in results:
-        usage = " ".join(f"{u:.2f}" for u in r["usage"])
-        per_k = " ".join(f"{p:.2f}" for p in r["psnr_first_k_groups"])
-        print(f"{r['model']:<34} {r['params'] / 1e6:>7.2f}M {r['psnr']:>8.2f} {min(r['usage']):>9.2f}  {usage:<22} {per_k}")
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "results.json", "w") as f:
-        json.dump({"args": vars(args), "results": results}, f, indent=2)
+    if len(args.seeds) == 1:
+        per_seed = {args.seeds[0]: run_seed(args, args.seeds[0])}
+    else:
+        base = [a for a in (argv if argv is not None else sys.argv[1:])]
+        procs = {}
+        for s in args.seeds:
+            cmd = [sys.executable, __file__, *base, "--seeds", str(s), "--_json", str(out / f"seed{s}.json")]
+            procs[s] = subprocess.Popen(cmd, stdout=open(out / f"seed{s}.log", "w"), stderr=subprocess.STDOUT)
+        failed = [s for s, p in procs.items() if p.wait() != 0]
+        if failed:
+            raise SystemExit(f"seed(s) {failed} failed; see {out}/seed<N>.log")
+        per_seed = {s: json.loads((out / f"seed{s}.json").read_text()) for s in args.seeds}
+    minutes = (time.time() - t0) / 60
+    text = table(args, per_seed) + "\n" + "\n".join(goals(per_seed, "g8-nested") + goals(per_seed, "g8-nested+ft"))
+    text += f"\nwall time {minutes:.1f} min ({len(args.seeds)} process(es), {args.threads} thread(s) each)"
+    print(text)
+    (out / "results.json").write_text(json.dumps({"args": vars(args), "results": per_seed, "minutes": minutes,
+                                                  "table": text}, indent=2))
     return 0
 
 
