@@ -70,7 +70,7 @@ def test_bad_mode_is_loud():
 def test_compiled_short_run_matches_eager_loss_curve():
     """8 AdamW steps on one batch, same seed: compiled blocks (+ selective checkpointing) vs eager. Dropout is off:
     inductor draws its own dropout masks, so with dropout the curves agree only statistically. fp32 on the CPU:
-    the losses agree to 1e-4 relative (measured: ~1e-7)."""
+    the losses agree to 1e-4 relative (measured: 4e-6 at most over 8 steps)."""
     curves = {}
     for name, kw in (("eager", dict()), ("compiled", dict(compile=True, checkpointing="selective"))):
         m = optimize_for_training(tiny(head="ar", **NO_DROPOUT), **kw)
