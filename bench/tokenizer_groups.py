@@ -70,6 +70,11 @@ def rows(total: int) -> dict[str, dict]:
                        what="G=8 no masking, codebook loss averaged over G"),
         "g8-nested-avg": dict(model=_mgvq(8, True, total), train={"loss": {"codebook_weight": 1 / 8}},
                               what="G=8 nested, codebook loss averaged over G"),
+        "g8-nested-lr2x": dict(model=_mgvq(8, True, total), lr_mult=2.0, what="G=8 nested, 2x learning rate"),
+        "g8-nested-nol2": dict(model=_mgvq(8, True, total, l2_norm=False),
+                               what="G=8 nested, no L2 norm (plain STE, raw codes)"),
+        "g8-nested-2x": dict(model=_mgvq(8, True, total), steps_mult=2.0, what="G=8 nested, 2x steps"),
+        "g8-2x": dict(model=_mgvq(8, False, total), steps_mult=2.0, what="G=8 no masking, 2x steps"),
     }
     return r
 
@@ -99,21 +104,22 @@ def backbone(args) -> tuple[str, dict]:
 
 def train_row(name: str, spec: dict, args, seed: int, out: Path) -> Path:
     """Train one row with tokenizer.train; returns its save_pretrained folder."""
+    steps = round(args.steps * spec.get("steps_mult", 1.0))
     preset, arch = backbone(args)
     model = {**arch, "reinit_decay": args.reinit_decay, "image_size": args.image_size, **spec["model"]}
     base = dict(model=preset, data="skimage", num_crops=args.num_crops, image_size=args.image_size,
-                batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule, precision="fp32", resume=None,
+                batch_size=args.batch_size, lr=args.lr * spec.get("lr_mult", 1.0), lr_schedule=args.lr_schedule, precision="fp32", resume=None,
                 seed=seed, num_samples=0, log_every=50, log_with="none",
                 loss={"perceptual_weight": 0.0, "disc_weight": 0.0})
     for k, v in spec.get("train", {}).items():
         base[k] = base[k] | v if k == "loss" else v
     if spec.get("stages", 1) == 1:
         run = out / name
-        train(TrainConfig(**base, model_overrides=model, steps=args.steps, save_every=args.steps,
-                          sample_every=args.steps, out_dir=str(run)))
+        train(TrainConfig(**base, model_overrides=model, steps=steps, save_every=steps, sample_every=steps,
+                          out_dir=str(run)))
         return run / "final"
-    s1 = max(1, round(args.steps * (1 - args.ft_frac)))
-    s2 = args.steps - s1
+    s1 = max(1, round(steps * (1 - args.ft_frac)))
+    s2 = steps - s1
     run1, run2 = out / f"{name}.stage1", out / name
     train(TrainConfig(**base, model_overrides=model, steps=s1, save_every=s1, sample_every=s1, out_dir=str(run1)))
     train(TrainConfig(**base, init_from=str(run1 / "final"), model_overrides={"nested_keep_probs": None},
