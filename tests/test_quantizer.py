@@ -262,3 +262,13 @@ def test_bad_arguments_raise():
         q(torch.randn(1, 32, 2, 2), keep_groups=5)
     with pytest.raises(ValueError, match="32 latent channels"):
         q(torch.randn(1, 16, 2, 2))
+
+
+def test_hand_written_keep_probs_are_renormalised():
+    from tokenizer.quantizer import check_keep_probs
+
+    probs = check_keep_probs([0.2] + [0.0333] * 6 + [0.6], 8)  # the G=8 list as written in the ImageNet YAML
+    assert abs(sum(probs) - 1.0) < 1e-12 and probs[0] == pytest.approx(0.2 / 0.9998)
+    assert check_keep_probs([0.2, 0.1, 0.1, 0.6], 4) == [0.2, 0.1, 0.1, 0.6]  # exact lists are kept as given
+    with pytest.raises(ValueError, match=r"sum to 1 \(within 1e-3\)"):
+        check_keep_probs([0.2, 0.1, 0.1, 0.602], 4)

@@ -45,8 +45,8 @@ def check_keep_probs(keep_probs: Sequence[float], groups: int, name: str = "keep
         raise ValueError(f"{name} must have one probability per k = 1..groups ({groups} values), got {len(probs)}: {probs}")
     if any(p < 0 for p in probs) or abs(sum(probs) - 1.0) > 1e-3:
         raise ValueError(f"{name} must be non-negative and sum to 1 (within 1e-3), got {probs} (sum {sum(probs):.6f})")
-    total = sum(probs)  # hand-written lists like [.2, .0333 x 6, .6] are renormalised
-    return [p / total for p in probs]
+    total = sum(probs)  # hand-written lists like [.2, .0333 x 6, .6] are renormalised (exact ones kept as given)
+    return probs if abs(total - 1.0) < 1e-9 else [p / total for p in probs]
 
 
 @dataclass
