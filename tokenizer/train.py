@@ -2,7 +2,7 @@
 
     python -m tokenizer.train --config configs/tokenizer/tiny.yaml                       # CPU, Fashion-MNIST 32 px
     python -m tokenizer.train --config configs/tokenizer/tiny.yaml steps=200 loss.disc_start=100 out_dir=runs/t
-    accelerate launch --num_processes 8 -m tokenizer.train --config configs/tokenizer/mgvq-f16-g4-imagenet.yaml \\
+    accelerate launch --num_processes 8 -m tokenizer.train --config configs/tokenizer/mgvq-f16c32-g8-imagenet-stage1.yaml \\
         data=/data/imagenet/train
     mgvq train-tokenizer --config ...                                                    # same thing
 
