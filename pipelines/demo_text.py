@@ -40,7 +40,8 @@ SYNONYMS = [["t-shirt", "top", "tee"], ["trousers", "pants", "jeans"], ["pullove
             ["bag", "handbag", "purse"], ["ankle boot", "boot", "bootie"]]
 TEMPLATES = ["a photo of a {}", "a {}", "a black and white picture of a {}", "an image of a {} on a plain background",
              "{}", "a small grey {}"]
-CAPTION_TOKENS = 16  # T5 tokens per caption (the longest caption here is about 13)
+CAPTION_TOKENS = 32  # T5 tokens per caption (longest: 30); make_text_encoder checks that no caption is truncated
+SPM_VOCAB = 120  # sentencepiece's cap; this small corpus yields about 80 pieces (many words split into letters)
 T5_SIZE = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
 
 
@@ -59,18 +60,23 @@ def make_text_encoder(folder: Path, seed: int) -> Path:
     import sentencepiece as spm
     from transformers import T5Config, T5EncoderModel
 
-    settings = {"t5": T5_SIZE, "seed": seed, "captions": len(all_captions()), "templates": TEMPLATES}
+    settings = {"t5": T5_SIZE, "seed": seed, "captions": len(all_captions()), "templates": TEMPLATES,
+                "spm_vocab": SPM_VOCAB}
     if demo.stage_done(folder, settings, ["spiece.model", "model.safetensors"]):
         demo._log(f"text encoder: reusing {folder}")
         return folder
     folder.mkdir(parents=True)
     spm.SentencePieceTrainer.train(sentence_iterator=iter(all_captions() * 8), model_prefix=str(folder / "spiece"),
-                                   vocab_size=120, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, model_type="unigram",
-                                   hard_vocab_limit=False, minloglevel=2)
+                                   vocab_size=SPM_VOCAB, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   model_type="unigram", hard_vocab_limit=False, minloglevel=2)
     (folder / "spiece.vocab").unlink()
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "spiece.model"))
+    longest = max(len(sp.encode(c)) + 1 for c in all_captions())  # + </s>
+    if longest > CAPTION_TOKENS:  # truncation would cut the class word off the end of a caption
+        raise RuntimeError(f"the longest caption has {longest} T5 tokens > CAPTION_TOKENS={CAPTION_TOKENS}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        T5EncoderModel(T5Config(vocab_size=220, dropout_rate=0.0, feed_forward_proj="gated-gelu",
+        T5EncoderModel(T5Config(vocab_size=sp.get_piece_size() + 100, dropout_rate=0.0, feed_forward_proj="gated-gelu",
                                 **T5_SIZE)).save_pretrained(str(folder))
     demo.mark_done(folder, settings)
     return folder
@@ -104,7 +110,8 @@ def train_text_generator(out: Path, codes_dir: Path, p: dict, seed: int) -> Path
     with open(codes_dir / "meta.json") as f:
         meta = json.load(f)
     settings = {"steps": p["gen_steps"], "batch": p["gen_batch"], "lr": p["gen_lr"], "args": p["gen_args"],
-                "seed": seed, "codes": meta["tokenizer"]["weights_sha256"], "captions": meta["captions"]}
+                "seed": seed, "codes": meta["tokenizer"]["weights_sha256"], "captions": meta["captions"],
+                "codes_stage": json.loads((codes_dir / demo.STAGE_FILE).read_text())}
     if demo.stage_done(folder, settings, ["final/model.safetensors"]):
         demo._log(f"text generator: reusing {folder / 'final'}")
         return folder / "final"
