@@ -1,13 +1,16 @@
 """Evaluation: gFID / IS / precision / recall of generated samples, and rFID / PSNR / SSIM / LPIPS of a tokenizer.
 
-Library functions take images, models or callables; nothing here imports `tokenizer`, `generator` or `pipelines` at
-module level (only the CLIs' `main(argv)` builds a pipeline / tokenizer lazily).
+A pure library: functions take images, models or callables; nothing here imports `tokenizer`, `generator` or
+`pipelines` (tests/test_import_graph.py). The commands that load a pipeline / tokenizer and call these live on top:
+pipelines/evaluate_generation.py, pipelines/evaluate_tokenizer.py, pipelines/compare.py.
 
     evaluation.metrics      Fréchet distance, IS, precision/recall (k=3), PSNR (two conventions), SSIM, ADM npz I/O,
                             torch-fidelity Inception features (pool_3, logits, ADM's spatial sFID features)
-    evaluation.sample       `mgvq evaluate-generation`: N class-balanced samples (seeded per image, sharded, resumable)
+    evaluation.sample       (`mgvq evaluate-generation`) N class-balanced samples (seeded per image, sharded, resumable)
                             -> PNGs + ADM npz -> FID / sFID / IS / precision / recall
-    evaluation.reconstruct  `mgvq evaluate-tokenizer`: PSNR / SSIM / LPIPS / rFID / codebook usage / coarse-to-fine PSNR
+    evaluation.reconstruct  (`mgvq evaluate-tokenizer`) PSNR / SSIM / LPIPS / rFID / codebook usage / coarse-to-fine
+                            PSNR
+    evaluation.compare      (`mgvq compare`) the comparison table
 
 Inception weights
     torch-fidelity's `weights-inception-2015-12-05-6726825d.pth` (the FID Inception graph ported to PyTorch). It is not

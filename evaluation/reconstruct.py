@@ -1,7 +1,10 @@
 """Tokenizer reconstruction evaluation: PSNR (both conventions), SSIM, LPIPS, rFID, codebook usage, coarse-to-fine PSNR.
 
-    python -m evaluation.reconstruct --tokenizer runs/tok/final --data imagenet/val --resolution 256 \\
-        --inception-weights weights-inception-2015-12-05-6726825d.pth --out runs/tok/eval256
+    res = evaluate_reconstruction(tok.encode, lambda idx, g: tok.decode(idx, groups_to_use=g),
+                                  metrics.ImageFolder("imagenet/val", size=(256, 256)), groups=G, codebook_size=K)
+
+The command line is `mgvq evaluate-tokenizer` (pipelines/evaluate_tokenizer.py: it loads the tokenizer and LPIPS and
+passes their functions; this module never imports the stages).
 
 Protocol (MGVQ's eval_recon.py):
 - image -> RGB -> bicubic resize so it covers the target -> centre crop (256, 512, or 2560x1440 "2k" for UHDBench);
@@ -17,8 +20,6 @@ Protocol (MGVQ's eval_recon.py):
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,7 +29,6 @@ import numpy as np
 import torch
 
 from evaluation import metrics as M
-from runtime.outdir import check_output_dir
 
 RESOLUTIONS = {"256": (256, 256), "512": (512, 512), "2k": (2560, 1440)}
 
@@ -186,81 +186,6 @@ def format_table(res: dict) -> str:
                      for k, v in rows)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="mgvq evaluate-tokenizer",
-        description="Reconstruction metrics of a tokenizer on an image folder: PSNR (both conventions), SSIM, LPIPS, "
-                    "rFID, per-group codebook usage, coarse-to-fine PSNR, best/worst examples.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n"
-               "  # ImageNet-val 256 (LlamaGen/MGVQ table), with rFID and LPIPS\n"
-               "  mgvq evaluate-tokenizer --tokenizer runs/tok/final --data imagenet/val --resolution 256 \\\n"
-               "      --inception-weights weights-inception-2015-12-05-6726825d.pth --out runs/tok/eval256\n"
-               "  # quick CPU check on 8 scikit-image photos at 64 px (no rFID without weights)\n"
-               "  mgvq evaluate-tokenizer --tokenizer runs/demo/pipeline/tokenizer --data photos/ --resolution 64 \\\n"
-               "      --max-images 8 --out runs/demo/recon\n"
-               "Outputs in --out: metrics.json, examples/{worst,best}_*.png (original | reconstruction).\n"
-               "LPIPS uses tokenizer.lpips weights (`python -m tokenizer.lpips fetch`); skipped with a note if absent.")
-    p.add_argument("--tokenizer", required=True, help="MGVQTokenizer folder (save_pretrained)")
-    p.add_argument("--data", required=True, help="image folder (searched recursively)")
-    p.add_argument("--resolution", default="256", help="256, 512, 2k (2560x1440), N or WxH (default 256)")
-    p.add_argument("--max-images", type=int, help="evaluate only the first N images (sorted by path)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--inception-weights", help=f"{M.INCEPTION_WEIGHTS_NAME} for rFID (default: "
-                                               f"$TORCH_HOME/hub/checkpoints/ if present, else rFID is skipped)")
-    p.add_argument("--lpips-weights-dir", help="folder with vgg16.safetensors (tokenizer.lpips); default its cache dir")
-    p.add_argument("--no-coarse-to-fine", action="store_true", help="skip PSNR per groups_to_use=1..G")
-    p.add_argument("--num-examples", type=int, default=4, help="best / worst side-by-side PNGs each (default 4)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    size = parse_resolution(args.resolution)
-    for flag, v, low in (("--batch-size", args.batch_size, 1), ("--max-images", args.max_images, 1),
-                         ("--num-examples", args.num_examples, 0)):
-        if v is not None and v < low:
-            raise SystemExit(f"evaluate-tokenizer: {flag}={v!r} is invalid; valid: an integer >= {low}")
-    out = Path(args.out)
-    check_output_dir(out, what="--out")  # an unwritable --out or a full disk fails now, not after the evaluation
-    images = M.ImageFolder(args.data, size=size, max_images=args.max_images)
-    inception = None
-    if args.inception_weights is not None or M.default_inception_weights_path().is_file():
-        inception = M.InceptionFeatures(args.inception_weights, device=args.device, batch_size=args.batch_size)
-    else:
-        print(f"rFID skipped: no --inception-weights and no {M.default_inception_weights_path()}")
-
-    from tokenizer import MGVQTokenizer  # lazy: evaluation never imports the stages at module level
-    from tokenizer.lpips import load_lpips
-
-    tok = MGVQTokenizer.from_pretrained(args.tokenizer, device=args.device).eval()
-    lpips_fn = None
-    try:
-        lp = load_lpips("vgg", weights_dir=args.lpips_weights_dir, fetch=False).to(args.device)
-        lpips_fn = lambda x, y: lp(x, y)  # noqa: E731
-    except FileNotFoundError as e:
-        if args.lpips_weights_dir is not None:
-            raise
-        print(f"LPIPS skipped: {e}")
-    if tok.is_quantized:
-        enc, dec, groups = tok.encode, (lambda idx, g: tok.decode(idx, groups_to_use=g)), tok.config.groups
-    else:  # continuous baseline (quantizer none / kl): its latent, no indices, usage or coarse-to-fine
-        enc, dec, groups = tok.encode_latent, (lambda z, g: tok.decode_latent(z)), 0
-    res = evaluate_reconstruction(enc, dec, images, groups=groups, codebook_size=tok.config.codebook_size,
-                                  lpips_fn=lpips_fn, inception=inception, batch_size=args.batch_size,
-                                  coarse_to_fine=not args.no_coarse_to_fine, num_examples=args.num_examples,
-                                  out_dir=out, device=args.device)
-    res.update(tokenizer=str(Path(args.tokenizer).resolve()), quantizer=tok.config.quantizer,
-               data=str(Path(args.data).resolve()),
-               inception_weights=None if inception is None else str(inception.weights_path),
-               lpips_net="vgg" if lpips_fn else None)
-    (out / "metrics.json").write_text(json.dumps(res, indent=2))
-    print(format_table(res))
-    print(f"wrote {out / 'metrics.json'}")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit("the evaluate-tokenizer command moved to the pipelines (evaluation/ is a library): run "
+             "`mgvq evaluate-tokenizer ...` or `python -m pipelines.evaluate_tokenizer ...` (same flags)")

@@ -1,9 +1,11 @@
 """gFID evaluation: sample N class-balanced images, write PNGs + an ADM npz, compute FID / IS / precision / recall.
 
-    python -m evaluation.sample --pipeline runs/pipe --num-images 50000 --batch-size 32 --guidance-scale 2.0 \\
-        --resize-to 256 --ref VIRTUAL_imagenet256_labeled.npz \\
-        --inception-weights weights-inception-2015-12-05-6726825d.pth --out runs/eval_cfg2
-    accelerate launch --num_processes 8 -m evaluation.sample ...        # same command, sharded over 8 processes
+    npz = generate_samples(pipe.sample_fn(guidance_scale=2.0), "runs/eval", num_images=50000, num_classes=1000,
+                           batch_size=32, resize_to=256)                   # every process its shard, then the npz
+    metrics = evaluate_samples(npz, "VIRTUAL_imagenet256_labeled.npz", InceptionFeatures("auto"))
+
+The command line is `mgvq evaluate-generation` (pipelines/evaluate_generation.py: it loads the pipeline and passes
+its `sample_fn`; this module never imports the pipelines or the stages).
 
 Protocol (MGVQ's sample_c2i_ddp.py / LlamaGen's, see evaluation/__init__.py for comparability):
 - image i has label i % num_classes (class-balanced like MGVQ's `arange(C).repeat(N/C)`) and seed base_seed + i;
@@ -18,7 +20,6 @@ Protocol (MGVQ's sample_c2i_ddp.py / LlamaGen's, see evaluation/__init__.py for 
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -32,8 +33,6 @@ import torch
 import torch.nn.functional as F
 
 from evaluation import metrics as M
-from runtime.outdir import check_output_dir
-from runtime.cli_args import add_sampling_args, check_sampling_args, pipeline_layout
 
 # sample_fn(labels (B,) int64, seeds list[int]) -> float (B, 3, H, W) in [0, 1]
 SampleFn = Callable[[torch.Tensor, list], torch.Tensor]
@@ -240,139 +239,6 @@ def format_table(rows: dict) -> str:
     return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------------------------ CLI
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="mgvq evaluate-generation",
-        description="Sample N class-balanced images from a pipeline (sharded with accelerate, resumable), write "
-                    "PNGs + an ADM npz, and compute FID / IS / precision / recall.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n"
-               "  # 50k samples at 384 resized to 256, vs ADM's reference batch, on 8 GPUs\n"
-               "  accelerate launch --num_processes 8 -m evaluation.sample --pipeline runs/pipe --num-images 50000 \\\n"
-               "      --batch-size 32 --guidance-scale 2.0 --resize-to 256 --ref VIRTUAL_imagenet256_labeled.npz \\\n"
-               "      --inception-weights weights-inception-2015-12-05-6726825d.pth --out runs/eval_cfg2\n"
-               "  # CPU smoke test of the demo pipeline against an image folder\n"
-               "  mgvq evaluate-generation --pipeline runs/demo/pipeline --num-images 100 --batch-size 50 \\\n"
-               "      --ref data/fmnist_ref_pngs --inception-weights inc.pth --out runs/demo/eval\n"
-               "  # evaluate an existing ADM npz (e.g. a released sample file) without sampling\n"
-               "  mgvq evaluate-generation --samples GPT_XXL_300ep_topk_12.npz \\\n"
-               "      --ref VIRTUAL_imagenet256_labeled.npz \\\n"
-               "      --inception-weights weights-inception-2015-12-05-6726825d.pth --out runs/eval_released\n"
-               "Outputs in --out: images/NNNNNN.png, samples.npz (arr_0 uint8 NHWC), metrics.json.\n"
-               "For paper-comparable numbers also run ADM's evaluator on samples.npz (see evaluation/__init__.py).")
-    p.add_argument("--pipeline", help="MGVQPipeline folder (save_pretrained) to sample from")
-    p.add_argument("--samples", help="evaluate this existing ADM npz (arr_0 uint8 NHWC) instead of sampling")
-    p.add_argument("--out", required=True, help="output folder (PNGs, samples.npz, metrics.json); reruns resume")
-    p.add_argument("--num-images", type=int, default=50000, help="number of samples N (default 50000)")
-    p.add_argument("--num-classes", type=int, help="classes to balance over (default: the generator's)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per sampler call per process (default 32)")
-    p.add_argument("--guidance-scale", type=float, help="CFG scale (default: the pipeline's)")
-    add_sampling_args(p, default_note=" (default: the pipeline's)")  # one value or one per sub-codebook
-    p.add_argument("--cfg-interval", type=int, help="CFG interval (default: the pipeline's)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="base seed; image i has seed+i (its own generator: the same image whatever the batch size "
-                        "or the number of processes)")
-    p.add_argument("--resize-to", type=int, help="resize samples to this size, bicubic on the float tensor (e.g. 256)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="generator dtype")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (pays off on GPUs)")
-    p.add_argument("--ref", help="reference: ADM npz (mu/sigma and/or arr_0) or an image folder; omit to only sample")
-    p.add_argument("--inception-weights", default="auto",
-                   help=f"path of {M.INCEPTION_WEIGHTS_NAME}, or 'auto' (default): $TORCH_HOME/hub/checkpoints/, "
-                        f"downloaded there when online; otherwise the error names the URL and the destination")
-    p.add_argument("--eval-batch-size", type=int, default=100, help="Inception batch size (default 100)")
-    return p
-
-
-def validate_args(args: argparse.Namespace) -> None:
-    """Every setting checked before anything is loaded or sampled: one SystemExit naming the flag, value, valid range."""
-    def bad(flag, value, valid):
-        raise SystemExit(f"evaluate-generation: {flag}={value!r} is invalid; valid: {valid}")
-
-    if (args.pipeline is None) == (args.samples is None):
-        raise SystemExit("evaluate-generation: pass exactly one of --pipeline DIR (sample) or --samples NPZ (evaluate)")
-    for flag, v in (("--num-images", args.num_images), ("--batch-size", args.batch_size),
-                    ("--eval-batch-size", args.eval_batch_size), ("--num-classes", args.num_classes),
-                    ("--resize-to", args.resize_to)):
-        if v is not None and v < 1:
-            bad(flag, v, "an integer >= 1")
-    if args.guidance_scale is not None and not 0 <= args.guidance_scale < float("inf"):  # NaN / inf too
-        bad("--guidance-scale", args.guidance_scale, "a finite number >= 0 (1.0 = no guidance)")
-    # --temperature / --top-k / --top-p values were checked when parsed; their count (one or G) and top-k <= K here
-    layout = pipeline_layout(args.pipeline) if args.pipeline is not None else None
-    if layout is not None:
-        check_sampling_args(dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p), *layout,
-                            prog="evaluate-generation")
-    if args.seed < 0:
-        bad("--seed", args.seed, ">= 0")
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    out = Path(args.out)
-    validate_args(args)
-    check_output_dir(out, what="--out")  # an unwritable --out or a full disk fails now, not after the sampling
-    inception = None
-    if args.ref is not None:  # fail on missing weights before hours of sampling
-        dist0 = int(os.environ.get("RANK", "0"))
-        if dist0 == 0:
-            inception = M.InceptionFeatures(args.inception_weights, batch_size=args.eval_batch_size,
-                                            device="cuda" if torch.cuda.is_available() else "cpu")
-    for flag, path, what in (("--pipeline", args.pipeline, "pipeline folder"), ("--samples", args.samples, "ADM .npz"),
-                             ("--ref", args.ref, "ADM .npz or image folder")):
-        if path is not None and not os.path.exists(path):
-            raise FileNotFoundError(f"evaluate-generation: {flag}={path!r} does not exist; expected a {what}")
-    if args.pipeline is not None:
-        from pipelines import MGVQPipeline  # lazy: evaluation never imports the stages at module level
-
-        dist = _Dist()
-        dtype = getattr(torch, args.dtype)
-        pipe = MGVQPipeline.from_pretrained(args.pipeline, device=dist.device, dtype=dtype)
-        num_classes = args.num_classes or pipe.generator.config.num_classes
-        if num_classes > pipe.generator.config.num_classes:
-            raise SystemExit(f"evaluate-generation: --num-classes={num_classes} is invalid; valid: 1.."
-                             f"{pipe.generator.config.num_classes} (the generator's classes)")
-        size = args.resize_to or pipe.image_size
-        check_output_dir(out, need_bytes=args.num_images * size * size * 3, what="--out")  # samples.npz (uncompressed)
-        kw = {k: v for k, v in dict(guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
-                                      top_p=args.top_p, cfg_interval=args.cfg_interval).items() if v is not None}
-        d = pipe.defaults.__dict__
-        pipe._validate([num_classes - 1], *(kw.get(k, d.get(k)) for k in ("guidance_scale", "temperature", "top_k",
-                                                                           "top_p", "groups_to_use")))  # before sampling
-        config = {"pipeline": str(Path(args.pipeline).resolve()), "dtype": args.dtype,
-                  **{k: kw.get(k, d.get(k))
-                     for k in ("guidance_scale", "temperature", "top_k", "top_p", "cfg_interval")}}
-        if dist.rank == 0:
-            print(f"sampling {args.num_images} images, {num_classes} classes, {dist.world_size} process(es): "
-                  f"{json.dumps(config)}", flush=True)
-
-        def sample_fn(labels: torch.Tensor, seeds: list) -> torch.Tensor:
-            gens = [torch.Generator(dist.device).manual_seed(s) for s in seeds]  # one per image: seed + i
-            return pipe(labels.tolist(), generator=gens, output_type="pt", progress=False, compile=args.compile,
-                        **kw).images
-
-        npz = generate_samples(sample_fn, out, args.num_images, num_classes, args.batch_size, args.seed,
-                               args.resize_to, config=config, dist=dist)
-        if dist.rank != 0:
-            return 0
-    else:
-        npz, config = Path(args.samples), {"samples": str(Path(args.samples).resolve())}
-        out.mkdir(parents=True, exist_ok=True)
-    if args.ref is None:
-        print(f"wrote {npz}; no --ref given, so no metrics")
-        return 0
-    t0 = time.time()
-    res = evaluate_samples(npz, args.ref, inception, cache_dir=out, batch_size=args.eval_batch_size)
-    res.update(samples=str(npz), ref=str(args.ref), inception_weights=str(inception.weights_path),
-               eval_seconds=round(time.time() - t0, 1), settings=config)
-    (out / "metrics.json").write_text(json.dumps(res, indent=2))
-    print(format_table({k: res[k] for k in ("num_images", "fid", "sfid", "inception_score", "inception_score_std",
-                                            "precision", "recall", "num_ref_images")}))
-    print(f"wrote {out / 'metrics.json'}")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit("the evaluate-generation command moved to the pipelines (evaluation/ is a library): run "
+             "`mgvq evaluate-generation ...` or `python -m pipelines.evaluate_generation ...` (same flags)")

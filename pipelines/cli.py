@@ -28,9 +28,11 @@ VERBS: dict[str, tuple[str, str]] = {
     "train-generator": ("pipelines.train_generator", "train the class-conditional GPT (accelerate / DeepSpeed ZeRO); "
                                                      "tokenizer=DIR: decoded samples + a pipeline folder"),
     "sample": ("pipelines.sample", "sample images from a saved pipeline"),
-    "evaluate-tokenizer": ("evaluation.reconstruct", "rFID / PSNR / SSIM / LPIPS of a tokenizer"),
-    "evaluate-generation": ("evaluation.sample", "sample N images and compute gFID / IS / precision / recall"),
-    "compare": ("evaluation.compare", "evaluate several pipelines (e.g. LlamaGen vs MGVQ) with one sampler + evaluator"),
+    "evaluate-tokenizer": ("pipelines.evaluate_tokenizer", "rFID / PSNR / SSIM / LPIPS of a tokenizer"),
+    "evaluate-generation": ("pipelines.evaluate_generation",
+                            "sample N images and compute gFID / IS / precision / recall"),
+    "compare": ("pipelines.compare", "evaluate several pipelines (e.g. LlamaGen vs MGVQ) with one sampler + "
+                                     "evaluator"),
     "convert": ("pipelines.convert", "convert LlamaGen / MGVQ checkpoints to this project's folders"),
     "demo": ("pipelines.demo", "the embedded default: whole system on Fashion-MNIST on a CPU"),
 }

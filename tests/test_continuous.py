@@ -113,7 +113,7 @@ def test_continuous_baselines_train_save_and_evaluate(tmp_path, q, monkeypatch, 
     assert mse1 < 0.15 < 0.4 * mse0, (mse0, mse1)  # 0.15: about half the MSE of predicting the mean colour
 
     # mgvq evaluate-tokenizer: reported like a VQ model, usage / coarse-to-fine simply absent
-    from evaluation import reconstruct as R
+    from pipelines import evaluate_tokenizer as R
     from skimage import data
 
     photos = tmp_path / "photos"

@@ -101,7 +101,7 @@ def test_compare_llamagen_and_mgvq_in_one_table(llamagen_pipeline, mgvq_pipeline
     import numpy as np
 
     from evaluation import metrics as M
-    from evaluation import sample as S
+    from pipelines import evaluate_generation as S
 
     inc = M.save_random_inception_weights(tmp_path / "inc.pth", seed=0)
     ref = tmp_path / "ref.npz"

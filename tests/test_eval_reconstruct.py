@@ -10,6 +10,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from evaluation import metrics as M
 from evaluation import reconstruct as R
+from pipelines import evaluate_tokenizer as ET
 
 G, K, FACTOR = 3, 16, 8
 
@@ -123,7 +124,7 @@ def test_cli_with_a_real_tiny_tokenizer(photo_dir, tmp_path, monkeypatch, capsys
     tok.save_pretrained(str(tmp_path / "tok"))
     monkeypatch.setenv("MGVQ_LPIPS_DIR", str(tmp_path / "no_lpips"))  # LPIPS weights absent -> skipped with a note
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # no Inception weights -> rFID skipped
-    assert R.main(["--tokenizer", str(tmp_path / "tok"), "--data", str(photo_dir), "--resolution", "32",
+    assert ET.main(["--tokenizer", str(tmp_path / "tok"), "--data", str(photo_dir), "--resolution", "32",
                    "--max-images", "3", "--batch-size", "2", "--num-examples", "1",
                    "--out", str(tmp_path / "out")]) == 0
     res = json.loads((tmp_path / "out" / "metrics.json").read_text())
@@ -134,5 +135,5 @@ def test_cli_with_a_real_tiny_tokenizer(photo_dir, tmp_path, monkeypatch, capsys
     out = capsys.readouterr().out
     assert "rFID skipped" in out and "LPIPS skipped" in out
     with pytest.raises(SystemExit):
-        R.main(["--help"])
+        ET.main(["--help"])
     assert "mgvq evaluate-tokenizer --tokenizer" in capsys.readouterr().out

@@ -10,6 +10,7 @@ from PIL import Image
 
 from evaluation import metrics as M
 from evaluation import sample as S
+from pipelines import evaluate_generation as EG
 
 N, C, B = 10, 3, 3  # 10 images, 3 classes, batches of 3 -> 4 batches (the last one short)
 
@@ -163,7 +164,7 @@ def test_evaluate_and_cli_on_npz(tmp_path, random_inception, capsys):
     ref_npz = tmp_path / "ref.npz"
     mu, sigma = M.feature_statistics(pool_r + 1.0)  # deliberately not the statistics of arr_0
     np.savez(ref_npz, arr_0=_read_pngs(ref_dir, n), mu=mu, sigma=sigma)
-    assert S.main(["--samples", str(smp), "--ref", str(ref_npz), "--inception-weights", str(random_inception),
+    assert EG.main(["--samples", str(smp), "--ref", str(ref_npz), "--inception-weights", str(random_inception),
                    "--out", str(tmp_path / "eval")]) == 0
     got = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert got["fid"] == pytest.approx(M.frechet_distance_to_features(pool_s, mu, sigma), rel=1e-4)
@@ -173,12 +174,12 @@ def test_evaluate_and_cli_on_npz(tmp_path, random_inception, capsys):
 
 def test_cli_help_and_loud_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        S.main(["--help"])
-    assert "accelerate launch --num_processes 8 -m evaluation.sample" in capsys.readouterr().out
+        EG.main(["--help"])
+    assert "accelerate launch --num_processes 8 -m pipelines.evaluate_generation" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="exactly one of --pipeline"):
-        S.main(["--out", str(tmp_path)])
+        EG.main(["--out", str(tmp_path)])
     with pytest.raises(FileNotFoundError, match="weights-inception-2015-12-05-6726825d.pth"):
-        S.main(["--samples", "x.npz", "--ref", "r.npz", "--inception-weights", str(tmp_path / "none.pth"),
+        EG.main(["--samples", "x.npz", "--ref", "r.npz", "--inception-weights", str(tmp_path / "none.pth"),
                 "--out", str(tmp_path)])
 
 
@@ -196,7 +197,7 @@ def test_cli_samples_from_a_real_tiny_pipeline(tmp_path):
     pipe.save_pretrained(str(tmp_path / "pipe"))
     args = ["--pipeline", str(tmp_path / "pipe"), "--num-images", "5", "--batch-size", "3", "--guidance-scale", "1.5",
             "--top-k", "64", "--seed", "10"]
-    assert S.main(args + ["--out", str(tmp_path / "a")]) == 0
+    assert EG.main(args + ["--out", str(tmp_path / "a")]) == 0
     with np.load(tmp_path / "a" / "samples.npz") as f:
         arr, labels = f["arr_0"], f["arr_1"]
     assert arr.shape == (5, 32, 32, 3) and labels.tolist() == [0, 1, 2, 3, 4]
@@ -206,5 +207,5 @@ def test_cli_samples_from_a_real_tiny_pipeline(tmp_path):
                 output_type="pt", progress=False).images
     np.testing.assert_array_equal(arr[3:], M.nchw_to_nhwc(M.to_uint8(want)))
     assert json.loads((tmp_path / "a" / S.CONFIG_NAME).read_text())["guidance_scale"] == 1.5
-    assert S.main(args + ["--resize-to", "16", "--out", str(tmp_path / "b")]) == 0
+    assert EG.main(args + ["--resize-to", "16", "--out", str(tmp_path / "b")]) == 0
     assert M.load_npz_images(tmp_path / "b" / "samples.npz").shape == (5, 16, 16, 3)

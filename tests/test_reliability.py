@@ -10,6 +10,7 @@ Promises (docs/reliability.md lists each with its test; some live in other test 
   6. an unwritable output folder or a full disk fails at start with a clear message.
 """
 import collections
+import contextlib
 import io
 import json
 import os
@@ -29,8 +30,8 @@ from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import load_file
 
-from evaluation import reconstruct as R
-from evaluation import sample as S
+from pipelines import evaluate_generation as S
+from pipelines import evaluate_tokenizer as R
 from generator import GPT, generate
 from generator import train as gtrain
 from pipelines import MGVQPipeline
@@ -200,7 +201,8 @@ def test_evaluate_generation_sigkill_resume_equals_uninterrupted(assets, tmp_pat
             "--seed", "3"]
     a, b = tmp_path / "a", tmp_path / "b"
     assert S.main(args + ["--out", str(a)]) == 0
-    proc = subprocess.Popen([sys.executable, "-m", "evaluation.sample", *args, "--out", str(b)], cwd=ROOT, env=ENV,
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.evaluate_generation", *args, "--out", str(b)], cwd=ROOT,
+                            env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kill_after = random.Random(7).randint(2, 8)  # images written before the kill
     _poll(lambda: (b / "images").is_dir() and len(list((b / "images").glob("*.png"))) >= kill_after, proc)
@@ -416,8 +418,16 @@ def _init_from_other_grid(a, tmp):
 
 
 def _sample(*extra):
-    return lambda a, tmp: S.main(["--pipeline", str(a / "pipe"), "--out", str(tmp / "s"), "--num-images", "2",
-                                  *extra])
+    """evaluate-generation's command line; a usage error (argparse: exit 2, message on stderr) is re-raised as a
+    SystemExit carrying that message, so the table can match it."""
+    def call(a, tmp):
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                return S.main(["--pipeline", str(a / "pipe"), "--out", str(tmp / "s"), "--num-images", "2", *extra])
+        except SystemExit as e:
+            raise SystemExit(err.getvalue() if e.code == 2 else e.code) from None
+    return call
 
 
 def _pipe_call(**kw):
@@ -477,12 +487,16 @@ CONFIG_ERRORS = [
      ValueError, r"class_labels must be in \[0, 10\].*got \[11\]"),
     ("label out of range: train-generator samples", _gen_train("sample_classes=[3,12]"), ValueError,
      r"sample_classes=\[3, 12\]: \[12\] out of range; valid: 0..9"),
-    ("label out of range: evaluate-generation", _sample("--num-classes", "20"), SystemExit,
+    ("label out of range: evaluate-generation", _sample("--num-classes", "20"), ValueError,
      r"--num-classes=20 is invalid; valid: 1..10"),
-    ("sampling top_p", _sample("--top-p", "1.5"), SystemExit, r"--top-p=1.5 is invalid; valid: in \(0, 1\]"),
-    ("sampling temperature", _sample("--temperature", "-1"), SystemExit, r"--temperature=-1.0 is invalid; valid: >= 0"),
-    ("sampling guidance", _sample("--guidance-scale", "-2"), SystemExit, r"--guidance-scale=-2.0 is invalid; valid: >= 0"),
-    ("sampling top_k > K", _sample("--top-k", "100000"), ValueError, r"top_k=100000: must be in 0..K=256"),
+    ("sampling top_p", _sample("--top-p", "1.5"), SystemExit,
+     r"--top-p '1.5': '1.5' is out of range; each value must be a number in \(0, 1\]"),
+    ("sampling temperature", _sample("--temperature", "-1"), SystemExit,
+     r"--temperature '-1': '-1' is out of range; each value must be a finite number >= 0"),
+    ("sampling guidance", _sample("--guidance-scale", "-2"), SystemExit,
+     r"--guidance-scale=-2.0 is invalid; valid: a finite number >= 0"),
+    ("sampling top_k > K", _sample("--top-k", "100000"), SystemExit,
+     r"--top-k 100000: a top-k above the codebook size K=256 is invalid; valid: 0..256"),
     ("sampling num images", _sample("--num-images", "0"), SystemExit, r"--num-images=0 is invalid; valid: an integer >= 1"),
     ("sampling batch size", _sample("--batch-size", "0"), SystemExit, r"--batch-size=0 is invalid; valid: an integer >= 1"),
     ("pipeline top_p", _pipe_call(top_p=0.0), ValueError, r"top_p=0.0: must be in \(0, 1\]"),

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from evaluation import compare as C
+from pipelines import compare as C
 from evaluation import metrics as M
-from evaluation import sample as S
+from pipelines import evaluate_generation as S
 from generator import GPT
 from pipelines import MGVQPipeline
 from pipelines import sample as mgvq_sample
