@@ -123,3 +123,13 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match=r"3 non-finite steps in a row \(max_nonfinite=3\) at steps 1..3"):
         main(FAST + ["steps=5", "batch_size=2", "max_nonfinite=3", "loss.perceptual_weight=0", "loss.disc_weight=0",
                      f"out_dir={tmp_path / 'nan2'}"])
+
+
+def test_every_tokenizer_config_uses_the_current_vocabulary():
+    import glob
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # a deprecated key would warn
+        for path in sorted(glob.glob("configs/tokenizer/*.yaml")):
+            load_config(path, ["steps=1", "epochs=null"])
