@@ -31,8 +31,9 @@ import weakref
 from typing import Sequence
 
 import torch
+import torch.nn as nn
 
-from .model import GPT
+from .model import GPT, KVCache, find_multiple
 
 Scalar = float | int | None
 PerGroup = Scalar | Sequence[Scalar]
@@ -219,11 +220,37 @@ def _attach_caches(model: GPT, rows: int, dtype, device, static: bool) -> None:
     else:
         _CACHES.pop(model, None)  # free the old shape before allocating the new one
         model.setup_caches(rows, dtype=dtype, device=device)
-        _CACHES[model] = (key, [m.kv_cache for m in mods])
+        _CACHES[model] = (key, [m.kv_cache for m in mods], {})  # + window views of the backbone caches
     if static:  # fixed addresses: a captured CUDA graph reads and writes these very buffers on every replay
         for c in _CACHES[model][1]:
             for buf in (c.k_cache, c.v_cache, c.mask):
                 torch._dynamo.mark_static_address(buf)
+
+
+def _windows(S: int) -> list[int]:
+    """The compiled step's static attention lengths: 4 steps of ceil(S/4) (multiple of 8) up to the cache size S."""
+    step = find_multiple(-(-S // 4), 8)
+    return sorted({min(S, k * step) for k in range(1, -(-S // step) + 1)})
+
+
+def _window_caches(model: GPT, w: int) -> list:
+    """Views of the backbone caches' first w slots (kept with the caches: stable objects and addresses, so each
+    window compiles / captures once). The compiled step attends over a window >= the filled prefix instead of the
+    whole cache: ~40% fewer KV-cache bytes per step on average (what large batches are bound by)."""
+    entry = _CACHES[model]
+    views = entry[2].get(w)
+    if views is None:
+        views = []
+        for c in entry[1][:len(model.layers)]:
+            v = KVCache.__new__(KVCache)
+            nn.Module.__init__(v)
+            for name, buf in (("k_cache", c.k_cache[:, :, :w]), ("v_cache", c.v_cache[:, :, :w]),
+                              ("mask", c.mask[:w, :w])):
+                v.register_buffer(name, buf, persistent=False)
+                torch._dynamo.mark_static_address(buf)
+            views.append(v)
+        entry[2][w] = views
+    return views
 
 
 def release_caches(model: GPT) -> None:
@@ -362,12 +389,15 @@ def generate(
 
         positions = tqdm(positions, desc="generate", total=L)
     amp = torch.autocast(device.type, dtype=compute_dtype, enabled=autocast)
+    # one graph per (sampling setting, CFG on/off, attention window, model, batch): more than dynamo's default 8
+    limit = torch._dynamo.config.patch(recompile_limit=max(64, torch._dynamo.config.recompile_limit))
     try:
         _attach_caches(model, N, compute_dtype, device, static=bool(compile))
+        windows, cur_w = _windows(model.layers[0].attention.kv_cache.k_cache.shape[2]), None
         key_mask = None
         if cfg.conditioning == "text":  # (N, 1, S, S) over the whole cache: causal, valid caption columns, diagonal
             key_mask = model.caption_attn_mask(fmask, model.layers[0].attention.kv_cache.k_cache.shape[2])
-        with amp:
+        with amp, limit:
             for t in positions:
                 noise = samp.noise(B, generator)
                 if t == 0:  # the condition prefix (once per call: eager)
@@ -378,8 +408,13 @@ def generate(
                         h = model.backbone(x, pos[:P], P, key_mask[:, :, :P, :P])[:, -1]
                     tok, lg = _head_and_draw(model, h, pos, noise, scale_t[0], samp.tensors, spec(0), eager=True)
                 elif compile:
+                    w = next(x for x in windows if x >= P + t)  # static attention length covering P + t slots
+                    if w != cur_w:
+                        for layer, c in zip(model.layers, _window_caches(model, w)):
+                            layer.attention.kv_cache = c
+                        cur_w = w
                     tok, lg = step(model, out[:, t - 1], pos[P + t - 1:P + t], pos, noise, scale_t[t], samp.tensors,
-                                   spec(t), None, key_mask)
+                                   spec(t), None, None if key_mask is None else key_mask[..., :w])
                 else:
                     tok, lg = step(model, out[:, t - 1], pos[P + t - 1:P + t], pos, noise, scale_t[t], samp.tensors,
                                    spec(t), P + t, key_mask)
