@@ -3,7 +3,10 @@
     python bench/tokenizer_groups.py                                  # the table in docs/results.md (2 seeds at once)
     python bench/tokenizer_groups.py --seeds 0 --rows single ae g8-nested --steps 300    # a quick look
 
-Every row is the same backbone (LlamaGen's conv VQGAN at `--ch` / `--ch-mult`, the mgvq-tiny layout) trained by
+Defaults (why: docs/results.md): the DC-AE backbone (mgvq-dcae-tiny layout, widths 16-32-64-64-64, f16) on 32 px crops
+(a 2x2 grid of tokens, each covering 16 x 16 x 3 values as in the paper's f16 c32 tokenizers), batch 16, 1200 steps,
+AdamW lr 1e-3 with cosine decay; `--backbone vqgan` uses LlamaGen's conv VQGAN (mgvq-tiny layout) instead.
+Every row is the same backbone trained by
 `tokenizer.train` for the same number of steps on the same data (random crops of the colour photos bundled with
 scikit-image), with the same losses (L2 + Charbonnier + the bottleneck's own term; LPIPS / GAN off to keep it short);
 only the bottleneck differs:
@@ -17,7 +20,7 @@ only the bottleneck differs:
   ae / kl         continuous baselines with C=32: a plain autoencoder and an SD-VAE-style KL VAE (kl_weight 1e-6)
   plus the diagnostic rows in ROWS (each one changes one thing about g8 / g8-nested; see docs/results.md).
 
-Evaluation (evaluation.reconstruct.evaluate_reconstruction, on uint8 reconstructions) on 512 held-out crops (another
+Evaluation (evaluation.reconstruct.evaluate_reconstruction, on uint8 reconstructions) on 2048 held-out crops (another
 seed: new random crops and scales of the same photos): PSNR of the dataset-mean MSE (MGVQ's convention), SSIM, LPIPS
 (VGG; skipped if the weights are absent), codebook usage per group (fraction of the K codes used on the held-out
 crops), and PSNR when decoding only the first k groups (groups_to_use = 1..G, coarse to fine).
