@@ -28,6 +28,7 @@ Speed (the gpt-fast recipe):
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -309,17 +310,56 @@ def generate(
     return_logits: also return the (guided, unfiltered) logits the sampler saw, (B, h, w, G, K) float32.
     """
     cfg = model.config
-    G, K, L = cfg.groups, cfg.codebook_size, cfg.block_size
+    G, K, L, P = cfg.groups, cfg.codebook_size, cfg.block_size, cfg.prefix_len
+    device = next(model.parameters()).device
+    compute_dtype, autocast = _check_settings(model, cfg_schedule, compile, dtype)
+    temps, topks, topps = (_per_group(n, v, G) for n, v in (("temperature", temperature), ("top_k", top_k),
+                                                           ("top_p", top_p)))
+    use_cfg = float(guidance_scale) != 1.0 or cfg_schedule != "constant"
+    c = _prepare_condition(model, cond, cond_mask, negative_cond, negative_cond_mask, use_cfg, device)
+    if isinstance(generator, (list, tuple)) and len(generator) != c.B:
+        raise ValueError(f"generator: a list needs one torch.Generator per image ({c.B}), got {len(generator)}")
+
+    samp = _Sampling(temps, topks, topps, K, device)
+    col_specs = tuple(samp.column(g).spec for g in range(G)) if cfg.head == "ar" else ()
+    scales = [_cfg_scale(t, L, float(guidance_scale), cfg_interval, cfg_schedule) if use_cfg else None
+              for t in range(L)]
+    scale_t = torch.tensor([1.0 if s is None else s for s in scales], device=device)  # (L,), read as views
+    specs = [(c.B, s is not None, return_logits, samp.spec, col_specs, c.N // c.B) for s in scales]
+    step = _decode_step
+    if compile:
+        mode = compile if isinstance(compile, str) else ("reduce-overhead" if device.type == "cuda" else None)
+        step = _compiled_step(None if mode == "default" else mode)
+
+    was_training = model.training
+    model.eval()
+    out = torch.empty(c.B, L, G, dtype=torch.long, device=device)
+    seen = torch.empty(c.B, L, G, K, dtype=torch.float32, device=device) if return_logits else None
+    amp = torch.autocast(device.type, dtype=compute_dtype, enabled=autocast)
+    # one graph per (sampling setting, CFG on/off, attention window, model, batch): more than dynamo's default 8
+    limit = torch._dynamo.config.patch(recompile_limit=max(64, torch._dynamo.config.recompile_limit))
+    try:
+        _attach_caches(model, c.N, compute_dtype, device, static=bool(compile))
+        with amp, limit:
+            _decode_loop(model, c, step, bool(compile), samp, scale_t, specs, generator, out, seen, progress)
+    finally:
+        model.clear_caches()  # detach (the tensors stay in _CACHES for the next call)
+        model.train(was_training)
+    out = out.view(c.B, cfg.grid, cfg.grid, G)
+    if return_logits:
+        return out, seen.view(c.B, cfg.grid, cfg.grid, G, K)
+    return out
+
+
+def _check_settings(model: GPT, cfg_schedule: str, compile, dtype) -> tuple[torch.dtype, bool]:
+    """Validate the call-level settings; -> (compute dtype, whether autocast is needed)."""
     if cfg_schedule not in ("constant", "linear"):
         raise ValueError(f"cfg_schedule={cfg_schedule!r}: valid: 'constant', 'linear'")
     if compile not in (True, False) and compile not in ("default", "reduce-overhead", "max-autotune",
                                                         "max-autotune-no-cudagraphs"):
         raise ValueError(f"compile={compile!r}: valid: False, True, 'default', 'reduce-overhead', 'max-autotune', "
                          f"'max-autotune-no-cudagraphs'")
-    temps, topks, topps = (_per_group(n, v, G) for n, v in (("temperature", temperature), ("top_k", top_k),
-                                                           ("top_p", top_p)))
     param = next(model.parameters())
-    device = param.device
     if isinstance(dtype, str):
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype={dtype!r}: valid: 'float32', 'bfloat16', 'float16' (or a torch.dtype)")
@@ -329,8 +369,23 @@ def generate(
     if autocast and compute_dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"dtype={compute_dtype}: the model's weights are {param.dtype}; a different compute dtype "
                          f"must be torch.bfloat16 or torch.float16 (or cast the model: model.to(dtype))")
-    use_cfg = float(guidance_scale) != 1.0 or cfg_schedule != "constant"
-    P = cfg.prefix_len
+    return compute_dtype, autocast
+
+
+@dataclass
+class _Condition:
+    B: int  # images
+    N: int  # rows through the model (2B with CFG)
+    labels: torch.Tensor | None = None  # (N,) class path
+    feats: torch.Tensor | None = None  # (N, T, caption_dim) text path, left-padded
+    mask: torch.Tensor | None = None  # (N, T) bool, True = valid caption token
+
+
+def _prepare_condition(model: GPT, cond, cond_mask, negative_cond, negative_cond_mask, use_cfg: bool,
+                       device) -> _Condition:
+    """Class labels (+ the null class) or caption features (+ the null caption under the SAME mask, or a negative
+    caption with its own mask), stacked [cond; uncond] when CFG is on."""
+    cfg = model.config
     if cfg.conditioning == "class":
         if cond_mask is not None or negative_cond is not None:
             raise ValueError("cond_mask / negative_cond are for text-conditional GPTs; this one takes class labels")
@@ -341,90 +396,62 @@ def generate(
         B = labels.shape[0]
         if use_cfg:
             labels = torch.cat([labels, torch.full_like(labels, cfg.num_classes)])
-        N = labels.shape[0]
-    else:
-        feats, fmask = model.prepare_caption(torch.as_tensor(cond, device=device),
-                                             None if cond_mask is None else torch.as_tensor(cond_mask, device=device))
-        B = feats.shape[0]
-        if use_cfg:
-            if negative_cond is None:
-                if negative_cond_mask is not None:
-                    raise ValueError("negative_cond_mask without negative_cond")
-                neg, nmask = model.null_caption(B).to(feats.dtype), fmask  # the SAME padding mask (LlamaGen)
-            else:
-                neg, nmask = model.prepare_caption(
-                    torch.as_tensor(negative_cond, device=device),
-                    None if negative_cond_mask is None else torch.as_tensor(negative_cond_mask, device=device))
-                if neg.shape[0] != B:
-                    raise ValueError(f"negative_cond has {neg.shape[0]} rows; it needs one per caption ({B})")
-            feats, fmask = torch.cat([feats, neg]), torch.cat([fmask, nmask])
-        elif negative_cond is not None:
-            raise ValueError("negative_cond needs guidance (guidance_scale != 1.0)")
-        N = feats.shape[0]
-    if isinstance(generator, (list, tuple)) and len(generator) != B:
-        raise ValueError(f"generator: a list needs one torch.Generator per image ({B}), got {len(generator)}")
+        return _Condition(B=B, N=labels.shape[0], labels=labels)
+    feats, fmask = model.prepare_caption(torch.as_tensor(cond, device=device),
+                                         None if cond_mask is None else torch.as_tensor(cond_mask, device=device))
+    B = feats.shape[0]
+    if use_cfg:
+        if negative_cond is None:
+            if negative_cond_mask is not None:
+                raise ValueError("negative_cond_mask without negative_cond")
+            neg, nmask = model.null_caption(B).to(feats.dtype), fmask  # the SAME padding mask (LlamaGen)
+        else:
+            neg, nmask = model.prepare_caption(
+                torch.as_tensor(negative_cond, device=device),
+                None if negative_cond_mask is None else torch.as_tensor(negative_cond_mask, device=device))
+            if neg.shape[0] != B:
+                raise ValueError(f"negative_cond has {neg.shape[0]} rows; it needs one per caption ({B})")
+        feats, fmask = torch.cat([feats, neg]), torch.cat([fmask, nmask])
+    elif negative_cond is not None:
+        raise ValueError("negative_cond needs guidance (guidance_scale != 1.0)")
+    return _Condition(B=B, N=feats.shape[0], feats=feats, mask=fmask)
 
-    samp = _Sampling(temps, topks, topps, K, device)
-    col_specs = tuple(samp.column(g).spec for g in range(G)) if cfg.head == "ar" else ()
-    scales = [_cfg_scale(t, L, float(guidance_scale), cfg_interval, cfg_schedule) if use_cfg else None
-              for t in range(L)]
-    scale_t = torch.tensor([1.0 if s is None else s for s in scales], device=device)  # (L,), read as views
+
+def _decode_loop(model: GPT, c: _Condition, step, compiled: bool, samp: _Sampling, scale_t, specs, generator, out,
+                 seen, progress: bool) -> None:
+    """Fill out (B, L, G) position by position: the condition prefix once (eager), then one decode step per position
+    (compiled steps attend over a static window of the cache)."""
+    P, L = model.config.prefix_len, model.config.block_size
+    device = out.device
     pos = torch.arange(L + P, device=device)  # input positions, read as views (no per-step host->device copy)
-
-    def spec(t: int) -> tuple:
-        return B, scales[t] is not None, return_logits, samp.spec, col_specs, N // B
-
-    step = _decode_step
-    if compile:
-        mode = compile if isinstance(compile, str) else ("reduce-overhead" if device.type == "cuda" else None)
-        step = _compiled_step(None if mode == "default" else mode)
-
-    was_training = model.training
-    model.eval()
-    out = torch.empty(B, L, G, dtype=torch.long, device=device)
-    seen = torch.empty(B, L, G, K, dtype=torch.float32, device=device) if return_logits else None
+    S = model.layers[0].attention.kv_cache.k_cache.shape[2]
+    windows, cur_w = _windows(S), None
+    key_mask = None if c.mask is None else model.caption_attn_mask(c.mask, S)  # (N, 1, S, S): causal, valid, diag
     positions = range(L)
     if progress:
         from tqdm import tqdm
 
         positions = tqdm(positions, desc="generate", total=L)
-    amp = torch.autocast(device.type, dtype=compute_dtype, enabled=autocast)
-    # one graph per (sampling setting, CFG on/off, attention window, model, batch): more than dynamo's default 8
-    limit = torch._dynamo.config.patch(recompile_limit=max(64, torch._dynamo.config.recompile_limit))
-    try:
-        _attach_caches(model, N, compute_dtype, device, static=bool(compile))
-        windows, cur_w = _windows(model.layers[0].attention.kv_cache.k_cache.shape[2]), None
-        key_mask = None
-        if cfg.conditioning == "text":  # (N, 1, S, S) over the whole cache: causal, valid caption columns, diagonal
-            key_mask = model.caption_attn_mask(fmask, model.layers[0].attention.kv_cache.k_cache.shape[2])
-        with amp, limit:
-            for t in positions:
-                noise = samp.noise(B, generator)
-                if t == 0:  # the condition prefix (once per call: eager)
-                    if key_mask is None:
-                        h = model.backbone(model.embed_class(labels), pos[:1], 1)[:, -1]
-                    else:
-                        x = model.cls_embedding(feats.to(model.cls_embedding.cap_proj.fc1.weight.dtype), train=False)
-                        h = model.backbone(x, pos[:P], P, key_mask[:, :, :P, :P])[:, -1]
-                    tok, lg = _head_and_draw(model, h, pos, noise, scale_t[0], samp.tensors, spec(0), eager=True)
-                elif compile:
-                    w = next(x for x in windows if x >= P + t)  # static attention length covering P + t slots
-                    if w != cur_w:
-                        for layer, c in zip(model.layers, _window_caches(model, w)):
-                            layer.attention.kv_cache = c
-                        cur_w = w
-                    tok, lg = step(model, out[:, t - 1], pos[P + t - 1:P + t], pos, noise, scale_t[t], samp.tensors,
-                                   spec(t), None, None if key_mask is None else key_mask[..., :w])
-                else:
-                    tok, lg = step(model, out[:, t - 1], pos[P + t - 1:P + t], pos, noise, scale_t[t], samp.tensors,
-                                   spec(t), P + t, key_mask)
-                out[:, t] = tok
-                if seen is not None:
-                    seen[:, t] = lg
-    finally:
-        model.clear_caches()  # detach (the tensors stay in _CACHES for the next call)
-        model.train(was_training)
-    out = out.view(B, cfg.grid, cfg.grid, G)
-    if return_logits:
-        return out, seen.view(B, cfg.grid, cfg.grid, G, K)
-    return out
+    for t in positions:
+        noise = samp.noise(c.B, generator)
+        if t == 0:  # the condition prefix (once per call: eager)
+            if key_mask is None:
+                h = model.backbone(model.embed_class(c.labels), pos[:1], 1)[:, -1]
+            else:
+                x = model.cls_embedding(c.feats.to(model.cls_embedding.cap_proj.fc1.weight.dtype), train=False)
+                h = model.backbone(x, pos[:P], P, key_mask[:, :, :P, :P])[:, -1]
+            tok, lg = _head_and_draw(model, h, pos, noise, scale_t[0], samp.tensors, specs[0], eager=True)
+        elif compiled:
+            w = next(x for x in windows if x >= P + t)  # static attention length covering P + t slots
+            if w != cur_w:
+                for layer, cache in zip(model.layers, _window_caches(model, w)):
+                    layer.attention.kv_cache = cache
+                cur_w = w
+            tok, lg = step(model, out[:, t - 1], pos[P + t - 1:P + t], pos, noise, scale_t[t], samp.tensors,
+                           specs[t], None, None if key_mask is None else key_mask[..., :w])
+        else:
+            tok, lg = step(model, out[:, t - 1], pos[P + t - 1:P + t], pos, noise, scale_t[t], samp.tensors,
+                           specs[t], P + t, key_mask)
+        out[:, t] = tok
+        if seen is not None:
+            seen[:, t] = lg
