@@ -500,9 +500,20 @@ def main(argv: list[str] | None = None) -> int:
     with open(out / "metrics.json", "w") as f:
         json.dump(metrics, f, indent=2)
     write_readme(out, metrics)
+    pipe.save_pretrained(str(out / "pipeline"), metrics=card_metrics(metrics))  # the model card shows them
     _log(f"done in {metrics['timings_s']['total']:.0f} s: {out / 'metrics.json'}, {out / 'samples_grid.png'}, "
          f"{out / 'reconstructions.png'}, {out / 'loss_curves.png'}, pipeline in {out / 'pipeline'}")
     return 0
+
+
+def card_metrics(metrics: dict) -> dict:
+    """What the pipeline's model card shows: the demo's measured numbers (classifier-scored, not FID)."""
+    tok, gen = metrics["tokenizer"], metrics["generation"]
+    keys = ("cond_accuracy_cfg", "cond_accuracy_no_cfg", "classifier_fd_cfg", "classifier_fd_no_cfg",
+            "classifier_fd_real_vs_real", "guidance_scale", "num_samples")
+    return {"tokenizer_test_psnr": tok["psnr"], "tokenizer_test_ssim": tok["ssim"],
+            **{k: gen[k] for k in keys if k in gen},
+            "tokenizer_psnr_by_groups_to_use": tok.get("psnr_by_groups_to_use", {})}
 
 
 def _num_codes(codes_dir: Path) -> int:

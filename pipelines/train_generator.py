@@ -43,12 +43,14 @@ def train_generator(cfg: gtrain.TrainConfig, tokenizer: str | None = None) -> di
     summary = gtrain.train(cfg, decode_fn=decode_fn, codebook=codebook)
     if "stopped_by" in summary or int(os.environ.get("RANK", "0")) != 0:
         return summary
+    metrics = {k: summary[k] for k in ("step", "final_eval_loss", "skipped_steps") if summary.get(k) is not None}
     summary["pipeline"] = write_pipeline(cfg.out_dir, tok.cpu(), cfg.sample_cfg_scale,
-                                         summary.get("tokenizer_sha256"))
+                                         summary.get("tokenizer_sha256"), metrics=metrics)
     return summary
 
 
-def write_pipeline(out_dir: str, tok, guidance_scale: float, tokenizer_sha256: str | None) -> str:
+def write_pipeline(out_dir: str, tok, guidance_scale: float, tokenizer_sha256: str | None,
+                   metrics: dict | None = None) -> str:
     """<out_dir>/pipeline from <out_dir>/final (weights + id2label.json) and the tokenizer."""
     from generator import GPT
     from pipelines import MGVQPipeline
@@ -59,7 +61,7 @@ def write_pipeline(out_dir: str, tok, guidance_scale: float, tokenizer_sha256: s
     pipe = MGVQPipeline(tok, GPT.from_pretrained(final), id2label=id2label,
                         sampling_defaults={"guidance_scale": guidance_scale}, tokenizer_sha256=tokenizer_sha256)
     path = os.path.join(out_dir, "pipeline")
-    pipe.save_pretrained(path)
+    pipe.save_pretrained(path, metrics=metrics)  # shown in the model card (README.md)
     print(f"pipeline -> {path} (MGVQPipeline.from_pretrained)", flush=True)
     return path
 

@@ -102,6 +102,9 @@ def test_pipeline_reloads_and_samples(demo_out):
     pipe = MGVQPipeline.from_pretrained(str(demo_out / "pipeline"))
     assert pipe.id2label == dict(enumerate(NAMES))
     assert pipe.image_size == 32 and pipe.defaults.guidance_scale == 3.0
+    measured = json.loads((demo_out / "metrics.json").read_text())
+    assert pipe.metrics["cond_accuracy_cfg"] == measured["generation"]["cond_accuracy_cfg"]  # the card's numbers
+    assert "cond_accuracy_cfg" in (demo_out / "pipeline" / "README.md").read_text()
     out = pipe(["Sneaker", 8], generator=torch.Generator().manual_seed(0), output_type="pt", progress=False)
     assert out.images.shape == (2, 3, 32, 32)
     assert float(out.images.min()) >= 0.0 and float(out.images.max()) <= 1.0

@@ -1,6 +1,7 @@
 """generator.train on the CPU: single process vs DeepSpeed ZeRO-2 / ZeRO-3 (2 processes, gloo), checkpoint resume,
 SIGKILL resume, non-finite-loss skip, export. Real subprocesses and launchers (accelerate launch, torchrun)."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -322,6 +323,8 @@ def test_train_generator_with_tokenizer_decodes_samples_and_writes_a_pipeline(to
     assert grid.height == 2 * 34 + 2 and grid.width > 34
     pipe = MGVQPipeline.from_pretrained(str(out / "pipeline"))
     assert pipe.id2label[3] == "class_3" and pipe.generator.config.groups == 4
+    assert pipe.metrics["step"] == 2 and math.isfinite(pipe.metrics["final_eval_loss"])  # the run's numbers ...
+    assert "final_eval_loss" in (out / "pipeline" / "README.md").read_text()  # ... in the model card
     imgs = pipe([3], generator=torch.Generator().manual_seed(0), output_type="pt", progress=False).images
     assert imgs.shape == (1, 3, 32, 32)
     # python -m generator.train (no tokenizer): code-map grids, no pipeline
