@@ -76,6 +76,9 @@ def rows(total: int) -> dict[str, dict]:
         "g8-nested-lr2x": dict(model=_mgvq(8, True, total), lr_mult=2.0, what="G=8 nested, 2x learning rate"),
         "g8-nested-nol2": dict(model=_mgvq(8, True, total, l2_norm=False),
                                what="G=8 nested, no L2 norm (plain STE, raw codes)"),
+        "single-nol2": dict(model=dict(groups=1, latent_dim=8, codebook_size=total, nested_keep_probs=None,
+                                       l2_norm=False), what=f"single codebook G=1 C=8 K={total}, no L2 norm"),
+        "g8-nol2": dict(model=_mgvq(8, False, total, l2_norm=False), what="G=8 no masking, no L2 norm"),
         "g8-nested-2x": dict(model=_mgvq(8, True, total), steps_mult=2.0, what="G=8 nested, 2x steps"),
         "g8-2x": dict(model=_mgvq(8, False, total), steps_mult=2.0, what="G=8 no masking, 2x steps"),
     }
