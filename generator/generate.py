@@ -310,7 +310,7 @@ def generate(
     return_logits: also return the (guided, unfiltered) logits the sampler saw, (B, h, w, G, K) float32.
     """
     cfg = model.config
-    G, K, L, P = cfg.groups, cfg.codebook_size, cfg.block_size, cfg.prefix_len
+    G, K, L = cfg.groups, cfg.codebook_size, cfg.block_size
     device = next(model.parameters()).device
     compute_dtype, autocast = _check_settings(model, cfg_schedule, compile, dtype)
     temps, topks, topps = (_per_group(n, v, G) for n, v in (("temperature", temperature), ("top_k", top_k),
@@ -438,8 +438,7 @@ def _decode_loop(model: GPT, c: _Condition, step, compiled: bool, samp: _Samplin
             if key_mask is None:
                 h = model.backbone(model.embed_class(c.labels), pos[:1], 1)[:, -1]
             else:
-                x = model.cls_embedding(c.feats.to(model.cls_embedding.cap_proj.fc1.weight.dtype), train=False)
-                h = model.backbone(x, pos[:P], P, key_mask[:, :, :P, :P])[:, -1]
+                h = model.backbone(model.embed_caption(c.feats), pos[:P], P, key_mask[:, :, :P, :P])[:, -1]
             tok, lg = _head_and_draw(model, h, pos, noise, scale_t[0], samp.tensors, specs[0], eager=True)
         elif compiled:
             w = next(x for x in windows if x >= P + t)  # static attention length covering P + t slots

@@ -478,6 +478,9 @@ class GPT(nn.Module, MGVQHubMixin, tags=["class-conditional", "autoregressive"])
     def embed_class(self, labels):  # (B,) -> (B, 1, D)
         return self.cls_embedding(labels, train=self.training)
 
+    def embed_caption(self, feats):  # checked caption features (B, T, caption_dim) -> (B, T, D)
+        return self.cls_embedding(feats.to(self.cls_embedding.cap_proj.fc1.weight.dtype), train=self.training)
+
     def prepare_caption(self, cond, cond_mask=None):
         """Check caption features (B, T', caption_dim) and their mask (B, T') (bool or 0/1; None = all valid);
         left-pad T' < T = caption_tokens with zero rows. Returns float features (B, T, C) and a bool mask (B, T).
@@ -527,7 +530,7 @@ class GPT(nn.Module, MGVQHubMixin, tags=["class-conditional", "autoregressive"])
             return self.embed_class(cond), None
         explicit = cond_mask is not None
         feats, mask = self.prepare_caption(cond, cond_mask)
-        x = self.cls_embedding(feats.to(self.cls_embedding.cap_proj.fc1.weight.dtype), train=self.training)
+        x = self.embed_caption(feats)
         padded = explicit or feats.shape[1] != cond.shape[1]
         return x, (self.caption_attn_mask(mask, seq_len) if padded and seq_len else None)
 
