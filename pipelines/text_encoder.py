@@ -99,6 +99,3 @@ class T5TextEncoder:
         return left_pad(feats, mask)
 
     __call__ = encode
-
-    def lengths(self, mask: torch.Tensor) -> torch.Tensor:  # valid tokens per row (B,)
-        return mask.sum(1)
