@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .io import load_tensors, read_json, save_tensors, write_json
+from .io import load_tensors, read_json, save_tensors, write_bytes, write_json
 
 STATE_FILE = "train_state.json"
 FORMAT = "mgvq-train-state"
@@ -198,6 +198,4 @@ def truncate_metrics(path: str | os.PathLike, step: int) -> None:
             continue
         if rec.get("step", 0) <= step:
             keep.append(ln + "\n")
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text("".join(keep))
-    os.replace(tmp, path)
+    write_bytes(path, "".join(keep).encode())

@@ -297,7 +297,7 @@ def train_step(run: Run, x: torch.Tensor) -> tuple[dict, object, float, float]:
         run.opt_g.zero_grad(set_to_none=True)
     run.step += 1
     last = run.folder.latest() if not ok else None
-    run.guard.record(ok, run.step, f"loss {terms.get('total')}, grad norm {gnorm}", last)
+    run.guard.record(ok, run.step, "" if ok else f"loss {terms.get('total')}, grad norm {gnorm}", last)
     if ok and run.ema is not None:
         run.ema.update(run.raw)
     return terms, out, gnorm, dnorm
