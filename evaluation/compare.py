@@ -20,10 +20,6 @@ def format_compare(rows: dict[str, dict]) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
-
-
-if __name__ == "__main__":
     import sys
 
     sys.exit("the compare command moved to the pipelines (evaluation/ is a library): run `mgvq compare ...` or "
