@@ -33,6 +33,7 @@ import sys
 import torch
 
 from .model import GPT, GPTConfig
+from runtime.config import parse_overrides
 from runtime.outdir import check_output_dir
 
 # LlamaGen presets by width: dim -> n_head (gpt.py GPT_models)
@@ -290,19 +291,6 @@ def load_tokenizer_codebook(tok_dir: str) -> tuple[torch.Tensor, int | None]:
     return cb, groups
 
 
-def _parse_value(v: str):
-    low = v.lower()
-    if low in ("none", "null"):
-        return None
-    if low in ("true", "false"):
-        return low == "true"
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return v
-
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mgvq convert", description=__doc__,
@@ -314,12 +302,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", help="tokenizer folder (model.safetensors + config.json) (mgvq-gpt)")
     p.add_argument("overrides", nargs="*", help="GPTConfig overrides key=value, e.g. grid=24")
     args = p.parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
-    overrides = {}
-    for kv in args.overrides:
-        if "=" not in kv:
-            p.error(f"override {kv!r} is not key=value")
-        k, v = kv.split("=", 1)
-        overrides[k] = _parse_value(v)
+    try:
+        overrides = dict(parse_overrides(args.overrides))
+    except ValueError as e:
+        p.error(str(e))
     check_output_dir(args.out_dir, what="OUT_DIR")  # before reading a multi-GB checkpoint
     ckpt = _load_checkpoint(args.checkpoint)
     if args.kind in ("llamagen-gpt", "llamagen-gpt-t2i"):

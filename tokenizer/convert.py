@@ -18,6 +18,7 @@ import sys
 import torch
 
 from tokenizer.model import MGVQTokenizer, TokenizerConfig, apply_overrides
+from runtime.config import parse_overrides
 from runtime.outdir import check_output_dir
 
 CHECKPOINT_KEYS = ("model", "state_dict", "ema")
@@ -88,11 +89,6 @@ def convert_llamagen_vq(state_dict: dict[str, torch.Tensor], overrides: dict | N
     return model.eval()
 
 
-def _parse_value(text: str):
-    import yaml
-
-    return yaml.safe_load(text)
-
 
 def run_cli(prog: str, convert_fn, describe, argv: list[str] | None, doc: str | None = None) -> int:
     """`mgvq convert --from KIND CHECKPOINT OUT_DIR [key=value ...] [--key K]` for a tokenizer converter:
@@ -104,12 +100,10 @@ def run_cli(prog: str, convert_fn, describe, argv: list[str] | None, doc: str | 
     p.add_argument("--key", default=None, help="checkpoint entry holding the weights (default: model, state_dict, "
                                                 "ema, or the bare dict)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    overrides = {}
-    for item in args.overrides:
-        if "=" not in item:
-            p.error(f"override {item!r} is not key=value")
-        k, v = item.split("=", 1)
-        overrides[k] = _parse_value(v)
+    try:
+        overrides = dict(parse_overrides(args.overrides))
+    except ValueError as e:
+        p.error(str(e))
     check_output_dir(args.out_dir, what="OUT_DIR")  # before reading a multi-GB checkpoint
     model = convert_fn(load_checkpoint_state_dict(args.checkpoint, args.key), overrides)
     nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
