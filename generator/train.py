@@ -43,7 +43,7 @@ from runtime.ema import EMA
 from runtime.fingerprint import check_same_tokenizer
 from runtime.grid import save_grid, to_uint8
 from runtime.guard import NonFiniteGuard
-from runtime.io import write_json
+from runtime.io import save_tensors, write_json
 from runtime.metrics import MetricLogger, select_trackers
 from runtime.optim import build_adamw, lr_at, set_lr
 from runtime.outdir import RunLock, check_output_dir
@@ -594,8 +594,6 @@ def sample(run: Run) -> None:
                              temperature=cfg.sample_temperature, top_k=cfg.sample_top_k, generator=gen)
         base = os.path.join(cfg.out_dir, "samples", ckpt.step_dir_name(run.step))
         os.makedirs(os.path.dirname(base), exist_ok=True)
-        from runtime.io import save_tensors
-
         save_tensors(base + ".safetensors", {"codes": codes, "labels": torch.tensor(labels)} if not text else
                      {"codes": codes, "caption_features": cond["cond"], "caption_mask": cond["cond_mask"]})
         if run.decode_fn is not None:
