@@ -66,6 +66,10 @@ class TokenizerConfig:
             raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
         if self.quantizer != "vq":
             self.nested_keep_probs = None  # masking sub-tokens is a property of the multi-group quantizer
+            if self.quantizer == "kl" and self.grouped_quant_conv and self.groups > 1:
+                # a grouped C -> 2C conv would give the mean and the log-variance different groups of channels
+                raise ValueError(f"quantizer='kl' with grouped_quant_conv=True needs groups=1 (got {self.groups}); "
+                                 f"or set grouped_quant_conv=False")
         if self.groups < 1 or self.latent_dim < 1 or self.latent_dim % self.groups:
             raise ValueError(f"latent_dim ({self.latent_dim}) must be a positive multiple of groups ({self.groups})")
         if self.codebook_size < 2:
