@@ -79,6 +79,8 @@ def rows(total: int) -> dict[str, dict]:
         "single-nol2": dict(model=dict(groups=1, latent_dim=8, codebook_size=total, nested_keep_probs=None,
                                        l2_norm=False), what=f"single codebook G=1 C=8 K={total}, no L2 norm"),
         "g8-nol2": dict(model=_mgvq(8, False, total, l2_norm=False), what="G=8 no masking, no L2 norm"),
+        "g8-nested-sample": dict(model=_mgvq(8, True, total, nested_mask_per="sample"),
+                                 what="G=8 nested, one k per image (not per batch)"),
         "g8-nested-2x": dict(model=_mgvq(8, True, total), steps_mult=2.0, what="G=8 nested, 2x steps"),
         "g8-2x": dict(model=_mgvq(8, False, total), steps_mult=2.0, what="G=8 no masking, 2x steps"),
     }
@@ -219,6 +221,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, help=f"rows to run (default {' '.join(DEFAULT_ROWS)})")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one process per seed, run in parallel")
+    ap.add_argument("--jobs", type=int, default=0, help="seed processes at a time (default: all seeds at once)")
     ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -252,11 +255,15 @@ def main(argv=None) -> int:
         per_seed = {args.seeds[0]: run_seed(args, args.seeds[0])}
     else:
         base = [a for a in (argv if argv is not None else sys.argv[1:])]
-        procs = {}
-        for s in args.seeds:
+        jobs = args.jobs or len(args.seeds)
+        procs, failed = {}, []
+        for i, s in enumerate(args.seeds):
+            if i >= jobs:  # wait for the oldest running seed before starting another
+                old = args.seeds[i - jobs]
+                failed += [old] if procs[old].wait() != 0 else []
             cmd = [sys.executable, __file__, *base, "--seeds", str(s), "--_json", str(out / f"seed{s}.json")]
             procs[s] = subprocess.Popen(cmd, stdout=open(out / f"seed{s}.log", "w"), stderr=subprocess.STDOUT)
-        failed = [s for s, p in procs.items() if p.wait() != 0]
+        failed += [s for s in args.seeds[max(0, len(args.seeds) - jobs):] if procs[s].wait() != 0]
         if failed:
             raise SystemExit(f"seed(s) {failed} failed; see {out}/seed<N>.log")
         per_seed = {s: json.loads((out / f"seed{s}.json").read_text()) for s in args.seeds}

@@ -272,3 +272,44 @@ def test_hand_written_keep_probs_are_renormalised():
     assert check_keep_probs([0.2, 0.1, 0.1, 0.6], 4) == [0.2, 0.1, 0.1, 0.6]  # exact lists are kept as given
     with pytest.raises(ValueError, match=r"sum to 1 \(within 1e-3\)"):
         check_keep_probs([0.2, 0.1, 0.1, 0.602], 4)
+
+
+def test_per_sample_nested_masking_zeroes_each_images_suffix_and_averages_losses_over_kept():
+    torch.manual_seed(0)
+    G, K, C, B = 4, 16, 32, 400
+    q = MultiGroupQuantizer(C, G, K, keep_probs=[0.2, 0.1, 0.1, 0.6], mask_per="sample").train()
+    q.embedding.weight.data = torch.randn_like(q.embedding.weight)
+    z = torch.randn(B, C, 2, 2, requires_grad=True)
+    full = q.encode_indices(z)
+    out = q(z)
+    assert out.keep_groups == G and torch.equal(out.indices, full)  # every index is reported
+    zq = out.z_q.detach().permute(0, 2, 3, 1).reshape(B, 4, G, C // G)  # (B, h*w, G, D)
+    nonzero = zq.abs().sum(-1) > 0  # (B, h*w, G)
+    assert (nonzero == nonzero[:, :1]).all()  # one k per image: all its positions agree
+    kept = nonzero[:, 0]  # (B, G)
+    k = kept.sum(1)
+    assert torch.equal(kept, torch.arange(G)[None] < k[:, None])  # a prefix of the groups, never empty
+    freq = torch.bincount(k, minlength=G + 1)[1:].float() / B
+    torch.testing.assert_close(freq, torch.tensor([0.2, 0.1, 0.1, 0.6]), atol=0.06, rtol=0)
+    # the kept sub-tokens are the straight-through codes; the losses are means over the kept ones only
+    ref = q.lookup(full).permute(0, 2, 3, 1).reshape(B, 4, G, C // G)
+    torch.testing.assert_close(zq[nonzero], ref[nonzero])
+    zg = torch.nn.functional.normalize(z.detach().permute(0, 2, 3, 1).reshape(B, 4, G, C // G), dim=-1)
+    for g in range(G):
+        m = kept[:, g]
+        want = (ref[m, :, g] - zg[m, :, g]).pow(2).mean()
+        torch.testing.assert_close(out.vq_loss[g], want)
+        torch.testing.assert_close(out.commit_loss[g], 0.25 * want)
+    # masked sub-tokens pass no gradient to the latent; eval never masks
+    out.z_q.sum().backward()
+    gz = z.grad.permute(0, 2, 3, 1).reshape(B, 4, G, C // G).abs().sum(-1)
+    assert (gz[~nonzero] == 0).all() and (gz[nonzero] > 0).all()
+    assert (q.eval()(z.detach()).z_q != 0).all()
+    with pytest.raises(ValueError, match="mask_per must be one of"):
+        MultiGroupQuantizer(C, G, K, mask_per="image")
+    from tokenizer import MGVQTokenizer
+
+    with pytest.raises(ValueError, match="nested_mask_per must be one of"):
+        MGVQTokenizer.from_preset("mgvq-tiny", nested_mask_per="image")
+    tok = MGVQTokenizer.from_preset("mgvq-tiny", nested_mask_per="sample")
+    assert tok.quantize.mask_per == "sample"

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from runtime.hub import MGVQHubMixin, load_safetensors, read_json, resolve_folder
-from tokenizer.quantizer import MultiGroupQuantizer, check_keep_probs, default_keep_probs
+from tokenizer.quantizer import MASK_PER, MultiGroupQuantizer, check_keep_probs, default_keep_probs
 from tokenizer.vqgan import Decoder, Encoder, VQGANConfig
 
 BACKBONES = ("vqgan", "dcae")
@@ -45,6 +45,7 @@ class TokenizerConfig:
     l2_norm: bool = True
     grouped_quant_conv: bool = False  # True: released MGVQ's Conv2d(C, C, 1, groups=G) both ways
     nested_keep_probs: list[float] | None = None  # P(keep first k groups), k = 1..G; None: no masking; "default"
+    nested_mask_per: str = "batch"  # "batch": one k per batch (released MGVQ) | "sample": one k per image
     # (the fields from codebook_size to reinit_decay only act when quantizer == "vq"; nested masking is set to None
     # for the continuous bottlenecks, so that e.g. from_preset("mgvq-tiny", quantizer="kl") works)
     usage_window: int = 65536
@@ -86,6 +87,8 @@ class TokenizerConfig:
             self.nested_keep_probs = default_keep_probs(self.groups)
         if self.nested_keep_probs is not None:
             self.nested_keep_probs = check_keep_probs(self.nested_keep_probs, self.groups, "nested_keep_probs")
+        if self.nested_mask_per not in MASK_PER:
+            raise ValueError(f"nested_mask_per must be one of {MASK_PER}, got {self.nested_mask_per!r}")
         if self.grouped_quant_conv and self.backbone == "vqgan" and self.vqgan.z_channels != self.latent_dim:
             raise ValueError(f"grouped_quant_conv=True maps C -> C, so vqgan.z_channels ({self.vqgan.z_channels}) must "
                              f"equal latent_dim ({self.latent_dim})")
@@ -189,7 +192,8 @@ class MGVQTokenizer(nn.Module, MGVQHubMixin, tags=["image-tokenizer", "vector-qu
         self.quantize = None  # continuous bottlenecks have no parameters
         if cfg.quantizer == "vq":
             self.quantize = MultiGroupQuantizer(C, G, cfg.codebook_size, cfg.beta, cfg.l2_norm, cfg.usage_window,
-                                                cfg.dead_code_reinit, cfg.reinit_decay, cfg.nested_keep_probs)
+                                                cfg.dead_code_reinit, cfg.reinit_decay, cfg.nested_keep_probs,
+                                                cfg.nested_mask_per)
 
     @property
     def is_quantized(self) -> bool:

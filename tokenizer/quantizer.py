@@ -14,6 +14,8 @@ the released MGVQ stores them, so its `quantize.embedding.weight` loads unchange
 - Nested (prefix) masking, training only: one k ~ keep_probs per batch keeps groups [0, k); the trailing sub-tokens are
   zeroed, get no loss and no index. NOTE: the released code only ever masks groups 1..3 (its probability list has length
   4, and is all zeros in the released "second stage" setting); here the schedule covers any G (`default_keep_probs`).
+  mask_per="sample" (not in the released code) draws one k per image instead: every batch then trains every prefix,
+  and a masked sub-token is zeroed and left out of its group's vq / commit mean; indices keep all G columns.
 """
 from __future__ import annotations
 
@@ -24,6 +26,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+MASK_PER = ("batch", "sample")  # nested masking: one k per batch (released MGVQ) or one k per image
 
 
 def default_keep_probs(groups: int) -> list[float]:
@@ -63,8 +68,10 @@ class QuantizerOutput:
 class MultiGroupQuantizer(nn.Module):
     def __init__(self, dim: int, groups: int = 1, codebook_size: int = 16384, beta: float = 0.25, l2_norm: bool = True,
                  usage_window: int = 65536, dead_code_reinit: bool = False, reinit_decay: float = 0.01,
-                 keep_probs: Sequence[float] | None = None):
+                 keep_probs: Sequence[float] | None = None, mask_per: str = "batch"):
         super().__init__()
+        if mask_per not in MASK_PER:
+            raise ValueError(f"mask_per must be one of {MASK_PER}, got {mask_per!r}")
         if groups < 1 or dim % groups != 0:
             raise ValueError(f"dim ({dim}) must be divisible by groups ({groups}), groups >= 1")
         if codebook_size < 2:
@@ -78,6 +85,7 @@ class MultiGroupQuantizer(nn.Module):
         self.beta, self.l2_norm = beta, l2_norm
         self.dead_code_reinit, self.reinit_decay = dead_code_reinit, reinit_decay
         self.keep_probs = None if keep_probs is None else check_keep_probs(keep_probs, groups)
+        self.mask_per = mask_per
 
         n = groups * codebook_size
         self.embedding = nn.Embedding(n, self.group_dim)  # group g owns rows [g*K, (g+1)*K)
@@ -180,6 +188,11 @@ class MultiGroupQuantizer(nn.Module):
         if not 1 <= keep_groups <= G:
             raise ValueError(f"keep_groups must be in [1, {G}], got {keep_groups}")
         k = keep_groups
+        sample_mask = None  # (G, N) float: 1 where image b's sub-token g is kept (mask_per="sample" in training)
+        if self.training and self.mask_per == "sample" and self.keep_probs is not None and k == G and G > 1:
+            kb = torch.multinomial(torch.tensor(self.keep_probs), B, replacement=True).to(z.device) + 1  # (B,)
+            kept = torch.arange(G, device=z.device)[:, None] < kb[None]  # (G, B)
+            sample_mask = kept[:, :, None].expand(G, B, h * w).reshape(G, B * h * w).float()
         reinit = self.training and self.dead_code_reinit
         weight = self.embedding.weight
         if reinit:  # re-init writes the weight in place after this forward; keep autograd's saved copy intact
@@ -191,9 +204,15 @@ class MultiGroupQuantizer(nn.Module):
         idx = scores.argmax(-1)  # (k, N)
         zq = torch.gather(codes, 1, idx.unsqueeze(-1).expand(-1, -1, D))  # (k, N, D)
 
-        vq = (zq - zg.detach()).pow(2).mean(dim=(1, 2))  # (k,)
-        commit = self.beta * (zq.detach() - zg).pow(2).mean(dim=(1, 2))  # (k,)
-        zq = zg + (zq - zg).detach()  # straight-through
+        if sample_mask is None:
+            vq = (zq - zg.detach()).pow(2).mean(dim=(1, 2))  # (k,)
+            commit = self.beta * (zq.detach() - zg).pow(2).mean(dim=(1, 2))  # (k,)
+            zq = zg + (zq - zg).detach()  # straight-through
+        else:  # per-group means over the kept sub-tokens only; masked ones are zeroed after the straight-through
+            n_kept = (sample_mask.sum(1) * D).clamp_min(1)  # (G,)
+            vq = ((zq - zg.detach()).pow(2).sum(-1) * sample_mask).sum(1) / n_kept
+            commit = self.beta * ((zq.detach() - zg).pow(2).sum(-1) * sample_mask).sum(1) / n_kept
+            zq = (zg + (zq - zg).detach()) * sample_mask[..., None]
         if k < G:
             zq = torch.cat([zq, zq.new_zeros(G - k, zq.shape[1], D)], dim=0)
             vq = torch.cat([vq, vq.new_zeros(G - k)])
