@@ -269,7 +269,8 @@ def main(argv=None) -> int:
         per_seed = {s: json.loads((out / f"seed{s}.json").read_text()) for s in args.seeds}
     minutes = (time.time() - t0) / 60
     text = table(args, per_seed) + "\n" + "\n".join(goals(per_seed, "g8-nested") + goals(per_seed, "g8-nested+ft"))
-    text += f"\nwall time {minutes:.1f} min ({len(args.seeds)} process(es), {args.threads} thread(s) each)"
+    text += (f"\nwall time {minutes:.1f} min ({len(args.seeds)} process(es), {args.jobs or len(args.seeds)} at a time, "
+             f"{args.threads} thread(s) each)")
     print(text)
     (out / "results.json").write_text(json.dumps({"args": vars(args), "results": per_seed, "minutes": minutes,
                                                   "table": text}, indent=2))

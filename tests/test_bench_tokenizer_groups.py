@@ -26,3 +26,38 @@ def test_ablation_bench_runs_every_kind_of_row(tmp_path, capsys):
     assert s1["nested_keep_probs"] is not None and s2["nested_keep_probs"] is None
     out = capsys.readouterr().out
     assert "g8-nested+ft" in out and "wall time" in out
+
+
+def test_ablation_bench_runs_seeds_one_at_a_time(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bench_groups", ROOT / "bench" / "tokenizer_groups.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--seeds", "0", "1", "--jobs", "1", "--rows", "g8-nested-sample", "--steps", "2",
+                       "--batch-size", "4", "--num-crops", "16", "--eval-crops", "8", "--widths", "8", "8", "32",
+                       "--image-size", "16", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert sorted(res) == ["0", "1"] and res["0"]["g8-nested-sample"]["psnr"] != res["1"]["g8-nested-sample"]["psnr"]
+    cfg = json.loads((tmp_path / "seed1" / "g8-nested-sample" / "final" / "config.json").read_text())
+    assert cfg["nested_mask_per"] == "sample"
+    assert "2 process(es), 1 at a time" in capsys.readouterr().out
+
+
+def test_group_use_finds_a_group_the_decoder_ignores():
+    import torch
+
+    spec = importlib.util.spec_from_file_location("group_use", ROOT / "bench" / "tokenizer_group_use.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    from tokenizer import MGVQTokenizer
+
+    torch.manual_seed(0)
+    tok = MGVQTokenizer.from_preset("mgvq-tiny", image_size=16).eval()
+    D = tok.config.latent_dim // tok.config.groups
+    with torch.no_grad():
+        tok.post_quant_conv.weight[:, D:2 * D] = 0  # the decoder never sees group 2
+    x = torch.rand(16, 3, 16, 16) * 2 - 1
+    r = bench.group_use(tok, x, batch=8)
+    drops = [g["psnr_drop"] for g in r["groups"]]
+    assert drops[1] == 0.0 and all(d != 0.0 for i, d in enumerate(drops) if i != 1)
+    assert all(0 < g["entropy_bits"] <= r["max_bits"] + 1e-6 for g in r["groups"]) and r["max_bits"] == 8
+    assert 0 < r["psnr"] < 60
