@@ -108,12 +108,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top-k", type=int, nargs="+", default=[0], help="top-k values to score (0 = off)")
     ap.add_argument("--temperature", type=float, nargs="+", default=[1.0])
     ap.add_argument("--per-class", type=int, help="samples per class (default: the demo profile's)")
+    ap.add_argument("--cache-limit", type=int, help="training images cached for the generator, 0 = all (default: the "
+                                                    "demo profile's); a new value re-caches, so give it its own --out")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     p = dict(D.PROFILES["default"])
     for k, v in (("gen_steps", a.steps), ("gen_batch", a.batch), ("gen_lr", a.lr), ("eval_per_class", a.per_class)):
         if v is not None:
             p[k] = v
+    if a.cache_limit is not None:
+        p["cache_limit"] = a.cache_limit or None
     base = dict(p["gen_args"])
     base.pop("head", None), base.pop("input_mode", None), base.pop("ar_head_layers", None)
     if a.dim:

@@ -68,6 +68,7 @@ def main(argv=None) -> int:
     ap.add_argument("--num-images", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0, help="held-out crop seed (skimage) and knock-out RNG seed")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--live-db", type=float, default=0.1, help="a group counts as used if randomising it costs this much")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     print("PSNR lost when one group's indices are randomised (dB) / entropy of its indices (bits)")
@@ -79,7 +80,9 @@ def main(argv=None) -> int:
         x = held_out_images(args.data, args.num_images, tok.config.image_size, args.seed)
         r = group_use(tok, x, seed=args.seed)
         cells = "  ".join(f"g{c['group']} {c['psnr_drop']:5.2f} / {c['entropy_bits']:.1f}" for c in r["groups"])
-        print(f"{path}: PSNR {r['psnr']:.2f} dB, log2 K = {r['max_bits']:.0f} bits\n    {cells}")
+        live = sum(c["psnr_drop"] >= args.live_db for c in r["groups"])
+        print(f"{path}: PSNR {r['psnr']:.2f} dB, log2 K = {r['max_bits']:.0f} bits, {live}/{len(r['groups'])} groups "
+              f"cost >= {args.live_db} dB when randomised\n    {cells}")
     return 0
 
 

@@ -3,6 +3,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -40,6 +42,19 @@ def test_ablation_bench_runs_seeds_one_at_a_time(tmp_path, capsys):
     cfg = json.loads((tmp_path / "seed1" / "g8-nested-sample" / "final" / "config.json").read_text())
     assert cfg["nested_mask_per"] == "sample"
     assert "2 process(es), 1 at a time" in capsys.readouterr().out
+    # the table of earlier runs, merged per seed, without training anything
+    run = json.loads((tmp_path / "results.json").read_text())
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**run, "results": {s: {"single": r["g8-nested-sample"]} for s, r in run["results"].items()}}))
+    assert bench.main(["--from-results", str(tmp_path / "results.json"), str(other),
+                       "--rows", "single", "g8-nested-sample"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("2 steps, batch 4") and "single" in out and "g8-nested-sample" in out
+    other.write_text(json.dumps({**run, "args": {**run["args"], "steps": 3}}))
+    with pytest.raises(SystemExit):
+        bench.main(["--from-results", str(tmp_path / "results.json"), str(other)])
+    err = capsys.readouterr().err
+    assert "other settings" in err and "['steps']" in err
 
 
 def test_group_use_finds_a_group_the_decoder_ignores():
