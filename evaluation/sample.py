@@ -115,7 +115,7 @@ def folder_to_npz(image_dir, num_images: int, num_classes: int, npz_path) -> np.
     return images
 
 
-class _Dist:
+class Dist:
     """rank / world size / barrier from accelerate (gloo on CPU); a single process when not launched distributed."""
 
     def __init__(self):
@@ -137,12 +137,12 @@ class _Dist:
 
 def generate_samples(sample_fn: SampleFn, out_dir, num_images: int, num_classes: int, batch_size: int,
                      seed: int = 0, resize_to: int | None = None, config: dict | None = None,
-                     dist: _Dist | None = None, progress: bool = True) -> Path:
+                     dist: Dist | None = None, progress: bool = True) -> Path:
     """All processes sample their shard into out_dir/images; the main one then writes out_dir/samples.npz.
 
     `config` (sampling settings) is stored in out_dir/sampling_config.json on the first run and a rerun with other
     settings into the same folder is refused, so a resumed folder never mixes two runs."""
-    dist = dist or _Dist()
+    dist = dist or Dist()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = {"num_classes": num_classes, "batch_size": batch_size, "seed": seed, "resize_to": resize_to,

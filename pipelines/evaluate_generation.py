@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from evaluation import metrics as M
-from evaluation.sample import CONFIG_NAME, _Dist, evaluate_samples, format_table, generate_samples  # noqa: F401
+from evaluation.sample import Dist, evaluate_samples, format_table, generate_samples
 from runtime.cli_args import add_sampling_args, check_sampling_args, pipeline_layout
 from runtime.outdir import check_output_dir
 
@@ -109,7 +109,7 @@ def _sample(pipeline: str, out: Path, num_images: int, num_classes: int | None, 
     """Load the pipeline, check the settings, sample into `out`; (npz, settings) on the main process, else None."""
     from pipelines import MGVQPipeline
 
-    dist = _Dist()
+    dist = Dist()
     pipe = MGVQPipeline.from_pretrained(pipeline, device=dist.device, dtype=getattr(torch, dtype))
     n_cls = pipe.generator.config.num_classes
     num_classes = num_classes or n_cls

@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if bool(a.labels) == bool(a.prompt):
         p.error("give --labels (class-conditional pipelines) or --prompt (text-conditional ones)")
+    if a.n < 1:
+        p.error(f"--n={a.n} is invalid: images per label must be >= 1")
 
     from torchvision.utils import save_image
 

@@ -57,7 +57,7 @@ def _worker(rank, world, port, out_dirs):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist = S._Dist()  # accelerate PartialState with gloo
+    dist = S.Dist()  # accelerate PartialState with gloo
     assert (dist.rank, dist.world_size) == (rank, world)
     for fn, out in zip((per_image_sample_fn, per_batch_sample_fn), out_dirs):
         S.generate_samples(fn, out, N, C, B, seed=100, dist=dist, progress=False)

@@ -12,6 +12,7 @@ from PIL import Image
 from pipelines import compare as C
 from evaluation import metrics as M
 from pipelines import evaluate_generation as S
+from evaluation.sample import CONFIG_NAME as SAMPLING_CONFIG_NAME
 from generator import GPT
 from pipelines import MGVQPipeline
 from pipelines import sample as mgvq_sample
@@ -102,6 +103,9 @@ def test_mgvq_sample_refuses_bad_values_before_loading(pipe4, tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             mgvq_sample.main(base + [flag, val])
         assert e.value.code == 2 and msg in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        mgvq_sample.main(base + ["--n", "0"])
+    assert e.value.code == 2 and "--n=0 is invalid" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
 
 
@@ -109,7 +113,7 @@ def test_evaluate_generation_per_group(pipe4, tmp_path):
     args = ["--pipeline", pipe4, "--num-images", "3", "--batch-size", "3", "--seed", "2", "--top-k", "1,64,64,1",
             "--top-p", "1,0.9,1,1", "--out", str(tmp_path / "e")]
     assert S.main(args) == 0
-    saved = json.loads((tmp_path / "e" / S.CONFIG_NAME).read_text())
+    saved = json.loads((tmp_path / "e" / SAMPLING_CONFIG_NAME).read_text())
     assert saved["top_k"] == [1, 64, 64, 1] and saved["top_p"] == [1.0, 0.9, 1.0, 1.0]
     with np.load(tmp_path / "e" / "samples.npz") as f:
         arr = f["arr_0"]
