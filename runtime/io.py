@@ -1,6 +1,7 @@
 """Atomic file writes: write a temp file in the same folder, then rename (a reader never sees a partial file)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -8,6 +9,20 @@ import os
 
 def _tmp(path: str) -> str:
     return os.path.join(os.path.dirname(path) or ".", f".tmp-{os.getpid()}-{os.path.basename(path)}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temp path in `path`'s folder for a writer that takes a file name; renamed onto `path` when the block
+    succeeds, deleted when it raises (a reader never sees a partial file)."""
+    path = os.fspath(path)
+    tmp = _tmp(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def strict_json(obj):
@@ -22,11 +37,8 @@ def strict_json(obj):
 
 
 def write_json(path: str | os.PathLike, obj, indent: int | None = 2) -> None:
-    path = os.fspath(path)
-    tmp = _tmp(path)
-    with open(tmp, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(strict_json(obj), f, indent=indent)
-    os.replace(tmp, path)
 
 
 def read_json(path: str | os.PathLike):
@@ -35,21 +47,16 @@ def read_json(path: str | os.PathLike):
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    path = os.fspath(path)
-    tmp = _tmp(path)
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
-    os.replace(tmp, path)
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict | None = None) -> None:
     """safetensors file, atomically; tensors are made contiguous CPU copies."""
     from safetensors.torch import save_file
 
-    path = os.fspath(path)
-    tmp = _tmp(path)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
 
 
 def load_tensors(path: str | os.PathLike, device: str = "cpu") -> dict:

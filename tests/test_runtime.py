@@ -131,3 +131,20 @@ def test_labelled_grid():
     assert (margin < 128).any()  # text was drawn
     assert reconstruction_labels(4) == ["original", "first 1 group", "first 2 groups", "first 3 groups",
                                         "all 4 groups"]
+
+
+def test_atomic_path_renames_on_success_and_leaves_nothing_on_failure(tmp_path):
+    from runtime.io import atomic_path
+
+    target = tmp_path / "shard.parquet"
+    with atomic_path(target) as tmp:
+        assert os.path.dirname(tmp) == str(tmp_path) and not target.exists()
+        with open(tmp, "w") as f:
+            f.write("done")
+    assert target.read_text() == "done"
+    with pytest.raises(RuntimeError, match="writer died"):
+        with atomic_path(target) as tmp:
+            with open(tmp, "w") as f:
+                f.write("partial")
+            raise RuntimeError("writer died")
+    assert target.read_text() == "done" and sorted(p.name for p in tmp_path.iterdir()) == ["shard.parquet"]

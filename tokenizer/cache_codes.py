@@ -46,7 +46,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from runtime.fingerprint import sha256_file
-from runtime.io import write_json
+from runtime.io import atomic_path, write_json
 from runtime.outdir import RunLock, check_output_dir
 from tokenizer.data import build_dataset, center_crop_arr, legacy_source
 
@@ -225,9 +225,8 @@ def write_shard(path: str, codes: np.ndarray, labels: np.ndarray, index: np.ndar
     """Write one shard atomically: a temp file in the same folder, then rename (a partial file is never visible)."""
     import pyarrow.parquet as pq
 
-    tmp = os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    pq.write_table(shard_table(codes, labels, index, features, captions, cap_feats), tmp)  # + the HF features
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(shard_table(codes, labels, index, features, captions, cap_feats), tmp)  # + the HF features
 
 
 def _fixed_meta(tok, tok_sha: str, tokenizer: str, source, source_desc: dict, grid, image_size: int, views: str,
