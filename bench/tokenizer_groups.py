@@ -17,6 +17,7 @@ only the bottleneck differs:
                   tokenizer.quantizer.default_keep_probs(8) = [.2, 1/30 x 6, .6])
   g8-nested+ft    the released two-stage recipe: g8-nested for (1 - `--ft-frac`) of the steps, then a mask-free
                   fine-tune (init_from the stage-1 weights, nested_keep_probs=None) for the rest: same total steps
+                  (diagnostic g8+nested-ft: the reverse, mask-free first, nested masking in the fine-tune)
   ae / kl         continuous baselines with C=32: a plain autoencoder and an SD-VAE-style KL VAE (kl_weight 1e-6)
   plus the diagnostic rows in ROWS (each one changes one thing about g8 / g8-nested; see docs/results.md).
 
@@ -63,7 +64,7 @@ def rows(total: int) -> dict[str, dict]:
         "g4-nested": dict(model=_mgvq(4, True, total), what="MGVQ G=4, nested masking [.2 .1 .1 .6]"),
         "g8": dict(model=_mgvq(8, False, total), what=f"MGVQ G=8 C=32 K={total // 8}x8, no masking"),
         "g8-nested": dict(model=_mgvq(8, True, total), what="MGVQ G=8, nested masking (our G=8 schedule)"),
-        "g8-nested+ft": dict(model=_mgvq(8, True, total), stages=2,
+        "g8-nested+ft": dict(model=_mgvq(8, True, total), stages=2, stage2={"nested_keep_probs": None},
                              what="MGVQ G=8, nested then mask-free fine-tune"),
         "ae": dict(model=dict(quantizer="none", latent_dim=32, groups=1), what="continuous AE C=32"),
         "kl": dict(model=dict(quantizer="kl", latent_dim=32, groups=1), what="continuous KL-VAE C=32 (kl 1e-6)"),
@@ -80,6 +81,9 @@ def rows(total: int) -> dict[str, dict]:
         "single-nol2": dict(model=dict(groups=1, latent_dim=8, codebook_size=total, nested_keep_probs=None,
                                        l2_norm=False), what=f"single codebook G=1 C=8 K={total}, no L2 norm"),
         "g8-nol2": dict(model=_mgvq(8, False, total, l2_norm=False), what="G=8 no masking, no L2 norm"),
+        "g8+nested-ft": dict(model=_mgvq(8, False, total), stages=2,
+                             stage2={"nested_keep_probs": default_keep_probs(8)},
+                             what="G=8 mask-free, then a nested fine-tune (reversed)"),
         "g8-nested-sample": dict(model=_mgvq(8, True, total, nested_mask_per="sample"),
                                  what="G=8 nested, one k per image (not per batch)"),
         "g8-nested-2x": dict(model=_mgvq(8, True, total), steps_mult=2.0, what="G=8 nested, 2x steps"),
@@ -131,7 +135,7 @@ def train_row(name: str, spec: dict, args, seed: int, out: Path) -> Path:
     s2 = steps - s1
     run1, run2 = out / f"{name}.stage1", out / name
     train(TrainConfig(**base, model_overrides=model, steps=s1, save_every=s1, sample_every=s1, out_dir=str(run1)))
-    train(TrainConfig(**base, init_from=str(run1 / "final"), model_overrides={"nested_keep_probs": None},
+    train(TrainConfig(**base, init_from=str(run1 / "final"), model_overrides=spec["stage2"],
                       steps=s2, save_every=s2, sample_every=s2, out_dir=str(run2)))
     return run2 / "final"
 
@@ -239,7 +243,7 @@ def main(argv=None) -> int:
     ap.add_argument("--depth", type=int, default=1, help="dcae: blocks per stage (encoder and decoder)")
     ap.add_argument("--total-codes", type=int, default=1024, help="codes per VQ model (K = total / G)")
     ap.add_argument("--reinit-decay", type=float, default=0.1, help="CVQ dead-code EMA rate (reference 0.01)")
-    ap.add_argument("--ft-frac", type=float, default=0.25, help="g8-nested+ft: share of the steps mask-free")
+    ap.add_argument("--ft-frac", type=float, default=0.25, help="two-stage rows (g8-nested+ft, g8+nested-ft): share of the steps in stage 2")
     ap.add_argument("--num-crops", type=int, default=4096)
     ap.add_argument("--eval-crops", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process (1 is fastest on shared cores)")

@@ -12,7 +12,7 @@ def test_ablation_bench_runs_every_kind_of_row(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("bench_groups", ROOT / "bench" / "tokenizer_groups.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    rows = ["single", "g4-nested", "g8-nested+ft", "g8-avg", "ae", "kl"]
+    rows = ["single", "g4-nested", "g8-nested+ft", "g8+nested-ft", "g8-avg", "ae", "kl"]
     assert bench.main(["--seeds", "0", "--rows", *rows, "--steps", "4", "--batch-size", "4", "--num-crops", "64",
                        "--eval-crops", "8", "--widths", "8", "8", "32", "--image-size", "16",
                        "--out", str(tmp_path)]) == 0
@@ -26,6 +26,9 @@ def test_ablation_bench_runs_every_kind_of_row(tmp_path, capsys):
     s1 = json.loads((tmp_path / "seed0" / "g8-nested+ft.stage1" / "final" / "config.json").read_text())
     s2 = json.loads((tmp_path / "seed0" / "g8-nested+ft" / "final" / "config.json").read_text())
     assert s1["nested_keep_probs"] is not None and s2["nested_keep_probs"] is None
+    r1 = json.loads((tmp_path / "seed0" / "g8+nested-ft.stage1" / "final" / "config.json").read_text())
+    r2 = json.loads((tmp_path / "seed0" / "g8+nested-ft" / "final" / "config.json").read_text())
+    assert r1["nested_keep_probs"] is None and r2["nested_keep_probs"] == pytest.approx([0.2] + [0.2 / 6] * 6 + [0.6])
     out = capsys.readouterr().out
     assert "g8-nested+ft" in out and "wall time" in out
 
