@@ -44,7 +44,7 @@ PROFILES: dict[str, dict] = {
         tok_overrides={"vqgan.ch": 16, "vqgan.ch_mult": [1, 2, 2], "vqgan.num_res_blocks": 1,
                        "vqgan.z_channels": 32, "vqgan.norm_groups": 8},
         cache_limit=None,  # all 60k training images: at 3400+ steps 20k images over-fit (held-out CE +0.07 nats)
-        # the generator is what limits the samples: it gets most of the 15 minutes (4500 steps ~ 7 min on 2 cores;
+        # the generator is what limits the samples: it gets most of the 15 minutes (4500 steps: 379 s on 2 cores;
         # 1400 -> 3400 -> 5000 steps moved accuracy / FD at CFG 2 from 0.83 / 35 to 0.90 / 42 and 0.93 / 37,
         # docs/results.md "How much generator")
         gen_steps=4500, gen_batch=32, gen_lr=2e-3, gen_warmup=50,
