@@ -11,6 +11,7 @@ ignores it (its codes carry no information the decoder uses). Prints one table.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 from pathlib import Path
@@ -19,9 +20,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from evaluation.metrics import psnr_of_mean_mse  # noqa: E402
 from tokenizer import MGVQTokenizer  # noqa: E402
 
 
+@functools.lru_cache(maxsize=4)  # several tokenizers of one size share one image set
 def held_out_images(data: str, n: int, size: int, seed: int) -> torch.Tensor:
     """(n, 3, S, S) in [-1, 1]: scikit-image crops (tokenizer_groups.py's held-out set) or the Fashion-MNIST test split."""
     if data == "skimage":
@@ -36,7 +39,8 @@ def held_out_images(data: str, n: int, size: int, seed: int) -> torch.Tensor:
 
 
 def psnr(recon: torch.Tensor, x: torch.Tensor) -> float:
-    return 10 * math.log10(4.0 / float((recon.clamp(-1, 1) - x).pow(2).mean()))
+    """PSNR of the dataset-mean MSE (the ablation's convention) of images in [-1, 1]."""
+    return psnr_of_mean_mse(((recon.clamp(-1, 1) + 1) / 2).numpy(), ((x + 1) / 2).numpy())
 
 
 @torch.no_grad()
@@ -70,6 +74,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--live-db", type=float, default=0.1, help="a group counts as used if randomising it costs this much")
     args = ap.parse_args(argv)
+    if args.num_images < 1:
+        ap.error(f"--num-images={args.num_images}: must be >= 1")
     torch.set_num_threads(args.threads)
     print("PSNR lost when one group's indices are randomised (dB) / entropy of its indices (bits)")
     for path in args.tokenizers:

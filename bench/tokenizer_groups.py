@@ -5,9 +5,9 @@
 
 Defaults (why: docs/results.md): the DC-AE backbone (mgvq-dcae-tiny layout, widths 16-32-64-64-64, f16) on 32 px crops
 (a 2x2 grid of tokens, each covering 16 x 16 x 3 values as in the paper's f16 c32 tokenizers), batch 16, 2400 steps
-(at 1200 the continuous AE is only 2.95 dB above the single codebook, at 2400 3.76 dB), AdamW lr 1e-3 with cosine decay; `--backbone vqgan` uses LlamaGen's conv VQGAN (mgvq-tiny layout) instead.
-Every row is the same backbone trained by
-`tokenizer.train` for the same number of steps on the same data (random crops of the colour photos bundled with
+(at 1200 the continuous AE is only 2.95 dB above the single codebook, at 2400 3.76 dB), AdamW lr 1e-3 with cosine
+decay; `--backbone vqgan` uses LlamaGen's conv VQGAN (mgvq-tiny layout) instead. Every row is the same backbone
+trained by `tokenizer.train` for the same number of steps on the same data (random crops of the colour photos bundled with
 scikit-image), with the same losses (L2 + Charbonnier + the bottleneck's own term; LPIPS / GAN off to keep it short);
 only the bottleneck differs:
 
@@ -243,7 +243,8 @@ def main(argv=None) -> int:
     ap.add_argument("--depth", type=int, default=1, help="dcae: blocks per stage (encoder and decoder)")
     ap.add_argument("--total-codes", type=int, default=1024, help="codes per VQ model (K = total / G)")
     ap.add_argument("--reinit-decay", type=float, default=0.1, help="CVQ dead-code EMA rate (reference 0.01)")
-    ap.add_argument("--ft-frac", type=float, default=0.25, help="two-stage rows (g8-nested+ft, g8+nested-ft): share of the steps in stage 2")
+    ap.add_argument("--ft-frac", type=float, default=0.25,
+                    help="two-stage rows (g8-nested+ft, g8+nested-ft): share of the steps in stage 2")
     ap.add_argument("--num-crops", type=int, default=4096)
     ap.add_argument("--eval-crops", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process (1 is fastest on shared cores)")
