@@ -1,7 +1,9 @@
-"""Where the shared reference fixtures live: `<repo>/../shared` (this checkout and CI's clone both have it beside
-the repo); MGVQ_SHARED_DIR overrides."""
+"""Where the reference fixtures live: tests/fixtures/reference/ in this repository, made from the original LlamaGen /
+MGVQ code by tests/fixtures/make_reference.py (pinned commits, command and sha256 list in the README there), so every
+clone has them. MGVQ_REFERENCE_FIXTURES=DIR makes the tests read another folder with the same files instead (e.g. a
+regenerated set); nothing outside the repository is read otherwise."""
 import os
 from pathlib import Path
 
-SHARED = Path(os.environ.get("MGVQ_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
-FIXTURES = SHARED / "fixtures" / "reference"
+IN_REPO = Path(__file__).resolve().parent / "fixtures" / "reference"
+FIXTURES = Path(os.environ.get("MGVQ_REFERENCE_FIXTURES") or IN_REPO)

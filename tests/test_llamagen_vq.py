@@ -1,6 +1,4 @@
 """LlamaGen VQModel fixture (FoundationVision/LlamaGen ce98ec41, tiny ch=32, ch_mult [1, 2], K=128, C=8)."""
-import os
-
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -8,8 +6,9 @@ from safetensors.torch import load_file, save_file
 from tokenizer import MGVQTokenizer
 from tokenizer.convert import convert_llamagen_vq, infer_llamagen_config, load_checkpoint_state_dict, main
 
-FIXTURE = "/work/shared/fixtures/reference/llamagen_vq.safetensors"
-pytestmark = pytest.mark.skipif(not os.path.exists(FIXTURE), reason="reference fixture not available")
+from _paths import FIXTURES
+
+FIXTURE = FIXTURES / "llamagen_vq.safetensors"
 TOL = dict(atol=1e-4, rtol=1e-4)
 
 

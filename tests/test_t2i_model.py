@@ -1,7 +1,5 @@
 """Text-conditional GPT (LlamaGen t2i layout): converter vs LlamaGen's own t2i fixture, cached decoding vs full
 forward, CFG with the null caption under the caption's padding mask, left padding."""
-import os
-
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -13,8 +11,6 @@ from _paths import FIXTURES
 
 FIX = str(FIXTURES)
 TOL = dict(atol=1e-4, rtol=1e-4)
-needs_fixture = pytest.mark.skipif(not os.path.isfile(f"{FIX}/llamagen_gpt_t2i.safetensors"),
-                                   reason="reference fixtures not available")
 
 
 def fixture():
@@ -44,7 +40,6 @@ def captions(B=3, T=5, C=12, lengths=(5, 2, 1)):
     return torch.randn(B, T, C) * mask[..., None], mask
 
 
-@needs_fixture
 def test_llamagen_t2i_fixture_logits_loss_and_generation():
     t, sd = fixture()
     m = convert_llamagen_gpt_t2i({"model": sd}, dict(n_head=4, grid=4)).eval()
@@ -68,7 +63,6 @@ def test_llamagen_t2i_fixture_logits_loss_and_generation():
         torch.testing.assert_close(seen.view(3, 16, -1), t[f"gen_{name}_step_logits"], **TOL)
 
 
-@needs_fixture
 def test_convert_cli_llamagen_t2i_then_from_pretrained(tmp_path):
     t, sd = fixture()
     ckpt = tmp_path / "t2i_tiny.safetensors"
