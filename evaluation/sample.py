@@ -17,6 +17,12 @@ Protocol (MGVQ's sample_c2i_ddp.py / LlamaGen's, see evaluation/__init__.py for 
 - optional resize (e.g. 384 -> 256) with bicubic interpolation on the float tensor (LlamaGen), then clamp and uint8;
 - when every image exists, the main process writes `samples.npz` (`arr_0` uint8 NHWC, `arr_1` labels) for ADM's
   evaluator, then FID / IS (10 splits) / precision / recall (k=3) -> `metrics.json` and a printed table.
+
+Feature networks: `evaluate_samples` scores with any `FeatureNet`: Inception (`metrics.InceptionFeatures`: FID, sFID,
+IS) or a classifier of the generator's own classes (kind "classifier", e.g. the demo's Fashion-MNIST CNN, wrapped by
+pipelines.classifier.ClassifierFeatures): the Frechet distance in its feature space ("fd"), an Inception-Score-like
+number from its class probabilities ("classifier_score"), conditional accuracy (the fraction of samples it assigns
+to their conditioning label) and k-NN precision / recall on its features. "fd" is reported for both kinds.
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -37,6 +43,28 @@ from evaluation import metrics as M
 # sample_fn(labels (B,) int64, seeds list[int]) -> float (B, 3, H, W) in [0, 1]
 SampleFn = Callable[[torch.Tensor, list], torch.Tensor]
 CONFIG_NAME = "sampling_config.json"
+
+
+class FeatureNet(Protocol):
+    """What `evaluate_samples` scores with. `metrics.InceptionFeatures` is one (kind "inception", the default when
+    the attribute is missing); a classifier of the generator's classes is another (kind "classifier": its logits
+    index the same labels as the samples, so conditional accuracy is defined; it has no spatial features)."""
+
+    weights_path: Path  # the weights file: part of the reference-feature cache key
+    device: torch.device
+
+    def __call__(self, batches, spatial: bool = False) -> tuple:
+        """uint8 (B, 3, H, W) batches -> (features (N, D), logits (N, classes)) float64, and with `spatial=True` a
+        third item: sFID spatial features (N, D_s) or None when the net has none."""
+        ...
+
+
+def feature_net_kind(net) -> str:
+    return getattr(net, "kind", "inception")
+
+
+def feature_net_name(net) -> str:
+    return getattr(net, "name", "inception-v3-compat")
 
 
 def image_path(image_dir, i: int) -> Path:
@@ -63,8 +91,10 @@ def _write_png(path: Path, hwc: np.ndarray) -> None:
 
 def sample_to_folder(sample_fn: SampleFn, image_dir, num_images: int, num_classes: int, batch_size: int,
                      seed: int = 0, resize_to: int | None = None, rank: int = 0, world_size: int = 1,
-                     progress: bool = True) -> int:
-    """This rank's share of the images as PNGs in `image_dir`; finished batches are skipped. Returns images written."""
+                     progress: bool = True, timing: dict | None = None) -> int:
+    """This rank's share of the images as PNGs in `image_dir`; finished batches are skipped. Returns images written.
+    `timing` (a dict) accumulates "images" and "seconds" spent inside `sample_fn` (the sampler's own speed: no PNG
+    writing, no resizing)."""
     if num_classes < 1:
         raise ValueError(f"num_classes={num_classes} must be >= 1")
     image_dir = Path(image_dir)
@@ -75,7 +105,11 @@ def sample_to_folder(sample_fn: SampleFn, image_dir, num_images: int, num_classe
     for n, chunk in enumerate(todo):
         labels = torch.tensor([i % num_classes for i in chunk], dtype=torch.long)
         seeds = [seed + i for i in chunk]
+        t_call = time.perf_counter()
         x = sample_fn(labels, seeds)
+        if timing is not None:
+            timing["images"] = timing.get("images", 0) + len(chunk)
+            timing["seconds"] = timing.get("seconds", 0.0) + time.perf_counter() - t_call
         if not torch.is_tensor(x) or x.dim() != 4 or x.shape[0] != len(chunk) or x.shape[1] != 3:
             got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
             raise ValueError(f"sample_fn must return a float tensor (B={len(chunk)}, 3, H, W) in [0, 1], got {got}")
@@ -137,11 +171,12 @@ class Dist:
 
 def generate_samples(sample_fn: SampleFn, out_dir, num_images: int, num_classes: int, batch_size: int,
                      seed: int = 0, resize_to: int | None = None, config: dict | None = None,
-                     dist: Dist | None = None, progress: bool = True) -> Path:
+                     dist: Dist | None = None, progress: bool = True, timing: dict | None = None) -> Path:
     """All processes sample their shard into out_dir/images; the main one then writes out_dir/samples.npz.
 
     `config` (sampling settings) is stored in out_dir/sampling_config.json on the first run and a rerun with other
-    settings into the same folder is refused, so a resumed folder never mixes two runs."""
+    settings into the same folder is refused, so a resumed folder never mixes two runs. `timing`: see
+    `sample_to_folder` (this process's share)."""
     dist = dist or Dist()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -157,7 +192,7 @@ def generate_samples(sample_fn: SampleFn, out_dir, num_images: int, num_classes:
         raise ValueError(f"{out_dir} holds samples made with other settings {{name: (stored, now)}} = {diff}; "
                          f"use another --out or the same settings")
     sample_to_folder(sample_fn, out_dir / "images", num_images, num_classes, batch_size, seed, resize_to,
-                     dist.rank, dist.world_size, progress)
+                     dist.rank, dist.world_size, progress, timing)
     dist.barrier()
     npz = out_dir / "samples.npz"
     if dist.rank == 0:
@@ -169,7 +204,7 @@ def generate_samples(sample_fn: SampleFn, out_dir, num_images: int, num_classes:
 # ------------------------------------------------------------------------------------------------ evaluation
 
 
-def reference_features(ref, inception: M.InceptionFeatures, size: int | None = None, cache_dir=None,
+def reference_features(ref, inception: FeatureNet, size: int | None = None, cache_dir=None,
                        batch_size: int = 100, spatial: bool = False):
     """(mu, sigma, pool features or None) of a reference: an ADM npz (mu/sigma used as stored, like ADM; `arr_0`
     images, if present, give the features for precision/recall) or an image folder (resized to cover `size` and
@@ -182,8 +217,10 @@ def reference_features(ref, inception: M.InceptionFeatures, size: int | None = N
     key = f"{ref.resolve()}|{ref.stat().st_mtime_ns}|{size}|{inception.weights_path.resolve()}"
     cache = Path(cache_dir) / f"ref_features_{ref.stem}_{hashlib.sha1(key.encode()).hexdigest()[:10]}.npz" \
         if cache_dir else None
-    stats = M.load_npz_stats(ref) if ref.suffix == ".npz" else None
-    stats_s = M.load_npz_stats(ref, spatial=True) if spatial and ref.suffix == ".npz" else None
+    # an ADM npz's stored mu / sigma are Inception statistics: another feature net computes its own from the images
+    inception_net = feature_net_kind(inception) == "inception"
+    stats = M.load_npz_stats(ref) if ref.suffix == ".npz" and inception_net else None
+    stats_s = M.load_npz_stats(ref, spatial=True) if spatial and ref.suffix == ".npz" and inception_net else None
     pool = feats_s = None
     cached = dict(np.load(cache)) if cache is not None and cache.exists() else {}
     if "pool" in cached and (not spatial or stats_s is not None or "spatial" in cached):
@@ -198,7 +235,7 @@ def reference_features(ref, inception: M.InceptionFeatures, size: int | None = N
         if images is not None:
             pool, _, feats_s = inception(M.iter_batches(images, batch_size), spatial=True)
             if cache is not None:
-                np.savez(cache, pool=pool, spatial=feats_s)
+                np.savez(cache, pool=pool, **({} if feats_s is None else {"spatial": feats_s}))
     if stats is None:
         if pool is None:
             raise ValueError(f"reference {ref} has neither mu/sigma nor arr_0 images")
@@ -210,20 +247,48 @@ def reference_features(ref, inception: M.InceptionFeatures, size: int | None = N
     return stats[0], stats[1], pool, stats_s
 
 
-def evaluate_samples(images, ref, inception: M.InceptionFeatures, splits: int = 10, cache_dir=None,
-                     batch_size: int = 100) -> dict:
-    """FID, sFID (ADM's spatial features; None if `ref` has no mu_s/sigma_s and no images), IS (mean, std over
-    `splits`), precision and recall (k=3) of uint8 NHWC `images` against `ref`."""
-    images = M.load_npz_images(images) if isinstance(images, (str, Path)) else np.asarray(images)
+def sample_labels(path) -> np.ndarray | None:
+    """`arr_1` (the conditioning labels) of a sample npz, or None when it has none."""
+    with np.load(path) as f:
+        return f["arr_1"].astype(np.int64) if "arr_1" in f else None
+
+
+def evaluate_samples(images, ref, inception: FeatureNet, splits: int = 10, cache_dir=None,
+                     batch_size: int = 100, labels=None) -> dict:
+    """Metrics of uint8 NHWC `images` (or a sample npz) against `ref` with the feature net `inception`.
+
+    Inception (the default kind): FID (= "fd"), sFID (ADM's spatial features; None if `ref` has no mu_s/sigma_s and
+    no images), IS (mean, std over `splits`), precision and recall (k=3).
+    A classifier of the generator's classes (kind "classifier"): "fd" (Frechet distance in its feature space),
+    "classifier_score" (the IS formula on its class probabilities), precision / recall (k=3) on its features and
+    "accuracy", the fraction of samples classified as their label (`labels`, else the npz's `arr_1`)."""
+    if isinstance(images, (str, Path)):
+        labels = sample_labels(images) if labels is None else labels
+        images = M.load_npz_images(images)
+    images = np.asarray(images)
     n = len(images)
+    kind = feature_net_kind(inception)
+    if kind not in ("inception", "classifier"):
+        raise ValueError(f"feature net kind {kind!r}: valid 'inception', 'classifier'")
     pool, logits, feats_s = inception(M.iter_batches(images, batch_size), spatial=True)
     ref_mu, ref_sigma, ref_pool, ref_s = reference_features(ref, inception, size=images.shape[1], cache_dir=cache_dir,
                                                             batch_size=batch_size, spatial=True)
-    is_mean, is_std = M.inception_score(logits=logits, splits=min(splits, n))
-    out = {"num_images": n, "fid": M.frechet_distance_to_features(pool, ref_mu, ref_sigma),
-           "sfid": None if ref_s is None else M.frechet_distance_to_features(feats_s, *ref_s),
-           "inception_score": is_mean, "inception_score_std": is_std, "is_splits": min(splits, n),
-           "precision": None, "recall": None}
+    score, score_std = M.inception_score(logits=logits, splits=min(splits, n))
+    fd = M.frechet_distance_to_features(pool, ref_mu, ref_sigma)
+    out = {"num_images": n, "feature_net": feature_net_name(inception), "fd": fd}
+    if kind == "inception":
+        out.update(fid=fd, sfid=None if ref_s is None or feats_s is None else
+                   M.frechet_distance_to_features(feats_s, *ref_s),
+                   inception_score=score, inception_score_std=score_std, is_splits=min(splits, n))
+    else:
+        out.update(classifier_score=score, classifier_score_std=score_std, score_splits=min(splits, n),
+                   accuracy=None)
+        if labels is not None:
+            labels = np.asarray(labels, dtype=np.int64)
+            if labels.shape != (n,):
+                raise ValueError(f"evaluate_samples: labels must be ({n},), got {labels.shape}")
+            out["accuracy"] = float((np.asarray(logits).argmax(1) == labels).mean())
+    out["precision"] = out["recall"] = None
     if ref_pool is not None and len(ref_pool) > 3 and n > 3:
         out["precision"], out["recall"] = M.precision_recall(ref_pool, pool, k=3, device=inception.device)
     out["num_ref_images"] = None if ref_pool is None else len(ref_pool)

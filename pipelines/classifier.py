@@ -17,6 +17,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -114,6 +115,46 @@ def classifier_fd(real_features, fake_features) -> float:
     from evaluation.metrics import frechet_distance
 
     return frechet_distance(*feature_stats(real_features), *feature_stats(fake_features))
+
+
+class ClassifierFeatures:
+    """A classifier as the feature net of `evaluation.sample.evaluate_samples` (kind "classifier"): uint8 (B, 3, H, W)
+    batches -> (penultimate features, logits) float64, no spatial features. `mgvq evaluate-generation / compare
+    --feature-net DIR` build one from a folder written by `save_classifier` (e.g. the demo's `classifier/`)."""
+
+    kind = "classifier"
+
+    def __init__(self, model: SmallCNN, weights_path: str, device="cpu", batch_size: int = 500):
+        self.model = model.to(device).eval()
+        self.device, self.batch_size = torch.device(device), batch_size
+        self.weights_path = Path(weights_path)
+        self.name = f"classifier:{self.weights_path.parent}"
+        self.num_classes = model.config.num_classes
+
+    @classmethod
+    def from_folder(cls, path: str, device="cpu", batch_size: int = 500) -> "ClassifierFeatures":
+        model, _ = load_classifier(path, device)
+        return cls(model, os.path.join(path, WEIGHTS_NAME), device, batch_size)
+
+    @torch.no_grad()
+    def __call__(self, batches, spatial: bool = False):
+        if torch.is_tensor(batches):
+            batches = batches.split(self.batch_size)
+        feats, logits = [], []
+        for x in batches:
+            if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:
+                raise ValueError(f"ClassifierFeatures: need uint8 (B, 3, H, W), got {x.dtype} {tuple(x.shape)}")
+            if tuple(x.shape[-2:]) != (self.model.config.image_size,) * 2:
+                raise ValueError(f"ClassifierFeatures: the classifier takes {self.model.config.image_size}px images, "
+                                 f"got {tuple(x.shape[-2:])}; sample at that size (or --resize-to it)")
+            for xb in x.split(self.batch_size):
+                f = self.model.features(xb.to(self.device).float() / 255.0)
+                feats.append(f.double().cpu().numpy())
+                logits.append(self.model.head(f).double().cpu().numpy())
+        if not feats:
+            raise ValueError("ClassifierFeatures: no images")
+        out = (np.concatenate(feats), np.concatenate(logits))
+        return out + (None,) if spatial else out
 
 
 # ---- training --------------------------------------------------------------------------------------------------------

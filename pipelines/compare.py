@@ -13,7 +13,10 @@ Example (ImageNet 256, 50k samples each, LlamaGen's evaluation settings):
 must fit every pipeline's G. top-k counts codes (MGVQ's sample_c2i.py `--top-k 12` is log2: `--top-k 4096` here).
 
 Each pipeline gets its own resumable sub-folder `--out/NAME` (PNGs, samples.npz, metrics.json); the table is also
-written to `--out/compare.json`. All other options are those of `mgvq evaluate-generation` and apply to every pipeline.
+written to `--out/compare.json`. All other options are those of `mgvq evaluate-generation` and apply to every pipeline, `--feature-net` among them:
+`--feature-net runs/demo/classifier --ref fmnist_test.npz` scores every pipeline with the demo's classifier (FD in its
+feature space, conditional accuracy, classifier score, precision / recall) instead of Inception
+(bench/llamagen_vs_mgvq.py compares LlamaGen's and MGVQ's layouts this way).
 `compare(pipelines={name: dir}, out=..., **settings)` is the same with keyword arguments.
 """
 from __future__ import annotations
@@ -24,7 +27,7 @@ import os
 import sys
 from pathlib import Path
 
-from evaluation.compare import COLUMNS, format_compare
+from evaluation.compare import columns_for, format_compare
 from pipelines import evaluate_generation as EG
 
 
@@ -43,9 +46,10 @@ def compare(*, pipelines: dict[str, str], out: str, **settings) -> dict | None:
         return None
     first = next(iter(pipelines))
     shared = {k: v for k, v in (table[first].get("settings") or {}).items() if k != "pipeline"}
-    rows = {n: {c: table[n].get(c) for c in COLUMNS} for n in pipelines}
+    columns = columns_for(table[first])
+    rows = {n: {c: table[n].get(c) for c in columns} for n in pipelines}
     (out / "compare.json").write_text(json.dumps({"settings": shared, "results": rows}, indent=2))
-    print(format_compare(rows))
+    print(format_compare(rows, columns))
     print(f"settings: {json.dumps(shared)}\nwrote {out / 'compare.json'}")
     return {"settings": shared, "results": rows}
 

@@ -66,6 +66,7 @@ PROFILES: dict[str, dict] = {
     ),
 }
 STAGE_FILE = "demo_stage.json"
+SECONDS_FILE = "stage_seconds.json"
 
 
 def _log(msg: str) -> None:
@@ -120,9 +121,18 @@ def stage_done(folder: Path, settings: dict, needs: list[str]) -> bool:
     return False
 
 
-def mark_done(folder: Path, settings: dict) -> None:
+def mark_done(folder: Path, settings: dict, seconds: float | None = None) -> None:
+    """Mark a finished stage; `seconds` (its compute time) goes to <folder>/stage_seconds.json, kept on reuse."""
+    if seconds is not None:
+        (folder / SECONDS_FILE).write_text(json.dumps({"seconds": round(seconds, 1)}))
     with open(folder / STAGE_FILE, "w") as f:
         json.dump(settings, f, indent=2)
+
+
+def stage_seconds(folder: Path) -> float | None:
+    """The compute time a finished stage recorded (None if it recorded none)."""
+    path = Path(folder) / SECONDS_FILE
+    return json.loads(path.read_text())["seconds"] if path.is_file() else None
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -134,6 +144,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 # ---- stages ----------------------------------------------------------------------------------------------------------
 def train_tokenizer(out: Path, data_path: Path, p: dict, seed: int) -> Path:
+    """mgvq-tiny + p["tok_overrides"] (any TokenizerConfig fields, dotted keys) -> <out>/tokenizer/final."""
     from tokenizer.train import TrainConfig, train
 
     folder = out / "tokenizer"
@@ -149,9 +160,10 @@ def train_tokenizer(out: Path, data_path: Path, p: dict, seed: int) -> Path:
                       precision="fp32", out_dir=str(folder), log_every=10,
                       sample_every=max(p["tok_steps"] // 3, 1), save_every=p["tok_steps"], keep_checkpoints=1,
                       resume="none", log_with="none", seed=seed)
+    t0 = time.time()
     train(cfg)
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # only final/ is needed downstream
-    mark_done(folder, settings)
+    mark_done(folder, settings, seconds=time.time() - t0)
     return folder / "final"
 
 
@@ -165,13 +177,16 @@ def cache_codes(out: Path, tok_dir: Path, data_path: Path, p: dict) -> Path:
     if stage_done(folder, settings, ["meta.json"]):
         _log(f"codes: reusing {folder}")
         return folder
+    t0 = time.time()
     cc.run(tokenizer=str(tok_dir), data=str(data_path), split="train", out=str(folder), batch_size=256,
            num_workers=0, shard_size=8192, limit=p["cache_limit"], class_names=CLASSES)
-    mark_done(folder, settings)
+    mark_done(folder, settings, seconds=time.time() - t0)
     return folder
 
 
-def train_generator(out: Path, codes_dir: Path, tok, p: dict, seed: int) -> Path:
+def train_generator(out: Path, codes_dir: Path, tok, p: dict, seed: int, codebook: str | None = None) -> Path:
+    """GPT-tiny + p["gen_args"] (default head: parallel, input: sum) on the cached codes -> <out>/generator/final.
+    `codebook`: the tokenizer folder, for input_mode="projector" (its frozen code vectors)."""
     from generator.train import TrainConfig, train
 
     folder = out / "generator"
@@ -182,11 +197,11 @@ def train_generator(out: Path, codes_dir: Path, tok, p: dict, seed: int) -> Path
     if stage_done(folder, settings, ["final/model.safetensors"]):
         _log(f"generator: reusing {folder / 'final'}")
         return folder / "final"
-    model_args = {**p["gen_args"], "head": "parallel", "token_dropout_p": 0.0, "resid_dropout_p": 0.0,
+    model_args = {"head": "parallel", **p["gen_args"], "token_dropout_p": 0.0, "resid_dropout_p": 0.0,
                   "ffn_dropout_p": 0.0, "class_dropout_prob": 0.1}
     cfg = TrainConfig(model="GPT-tiny", model_overrides=model_args, data=str(codes_dir), view="random",
-                      num_workers=0, global_batch_size=p["gen_batch"], batch_size=p["gen_batch"], lr=p["gen_lr"],
-                      lr_schedule="cosine", warmup_steps=p["gen_warmup"], min_lr=p["gen_lr"] * 0.05,
+                      codebook=codebook, num_workers=0, global_batch_size=p["gen_batch"], batch_size=p["gen_batch"],
+                      lr=p["gen_lr"], lr_schedule="cosine", warmup_steps=p["gen_warmup"], min_lr=p["gen_lr"] * 0.05,
                       weight_decay=0.05, steps=p["gen_steps"], precision="fp32", out_dir=str(folder),
                       resume="none", save_every=p["gen_steps"], keep_checkpoints=1, log_every=10, log_with="none",
                       sample_every=0, sample_classes=list(range(10)), sample_cfg_scale=p["guidance_scale"], seed=seed)
@@ -195,9 +210,10 @@ def train_generator(out: Path, codes_dir: Path, tok, p: dict, seed: int) -> Path
     def decode_fn(codes):
         return tok.decode(codes.cpu())
 
+    t0 = time.time()
     train(cfg, decode_fn=decode_fn)
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)
-    mark_done(folder, settings)
+    mark_done(folder, settings, seconds=time.time() - t0)
     return folder / "final"
 
 

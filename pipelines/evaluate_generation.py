@@ -28,7 +28,9 @@ from runtime.outdir import check_output_dir
 
 PROG = "evaluate-generation"
 TABLE_KEYS = ("num_images", "fid", "sfid", "inception_score", "inception_score_std", "precision", "recall",
-              "num_ref_images")
+              "num_ref_images", "images_per_s")
+TABLE_KEYS_CLASSIFIER = ("num_images", "fd", "accuracy", "classifier_score", "classifier_score_std", "precision",
+                         "recall", "num_ref_images", "images_per_s")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -46,6 +48,10 @@ def parser() -> argparse.ArgumentParser:
                "  # CPU smoke test of the demo pipeline against an image folder\n"
                "  mgvq evaluate-generation --pipeline runs/demo/pipeline --num-images 100 --batch-size 50 \\\n"
                "      --ref data/fmnist_ref_pngs --inception-weights inc.pth --out runs/demo/eval\n"
+               "  # score with the demo's Fashion-MNIST classifier instead of Inception (FD in its feature space,\n"
+               "  # conditional accuracy, classifier score, precision / recall); ref = real images (npz or folder)\n"
+               "  mgvq evaluate-generation --pipeline runs/demo/pipeline --num-images 2000 --batch-size 250 \\\n"
+               "      --feature-net runs/demo/classifier --ref fmnist_test.npz --out runs/demo/eval_clf\n"
                "  # evaluate an existing ADM npz (e.g. a released sample file) without sampling\n"
                "  mgvq evaluate-generation --samples GPT_XXL_300ep_topk_12.npz \\\n"
                "      --ref VIRTUAL_imagenet256_labeled.npz \\\n"
@@ -71,7 +77,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--inception-weights", default="auto",
                    help=f"path of {M.INCEPTION_WEIGHTS_NAME}, or 'auto' (default): $TORCH_HOME/hub/checkpoints/, "
                         f"downloaded there when online; otherwise the error names the URL and the destination")
-    p.add_argument("--eval-batch-size", type=int, default=100, help="Inception batch size (default 100)")
+    p.add_argument("--feature-net", default="inception",
+                   help="what scores the samples: 'inception' (default: FID / sFID / IS) or a classifier folder of the "
+                        "generator's classes written by pipelines.classifier.save_classifier, e.g. the demo's "
+                        "runs/demo/classifier (Frechet distance 'fd' in its feature space, conditional 'accuracy', "
+                        "'classifier_score', precision / recall; --inception-weights is then unused)")
+    p.add_argument("--eval-batch-size", type=int, default=100, help="feature-net batch size (default 100)")
     return p
 
 
@@ -104,9 +115,24 @@ def settings(args: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(args).items()}
 
 
+def load_feature_net(feature_net: str | None, inception_weights: str | None, batch_size: int, device):
+    """'inception' / None -> metrics.InceptionFeatures(inception_weights); a classifier folder -> ClassifierFeatures."""
+    if feature_net in (None, "inception"):
+        return M.InceptionFeatures(inception_weights, batch_size=batch_size, device=device)
+    from pipelines.classifier import CONFIG_NAME as CLF_CONFIG, WEIGHTS_NAME as CLF_WEIGHTS, ClassifierFeatures
+
+    folder = Path(feature_net)
+    if not (folder / CLF_CONFIG).is_file() or not (folder / CLF_WEIGHTS).is_file():
+        raise FileNotFoundError(f"{PROG}: --feature-net={feature_net!r} is invalid; valid: 'inception', or a classifier "
+                                f"folder holding {CLF_CONFIG} + {CLF_WEIGHTS} (pipelines.classifier.save_classifier, "
+                                f"e.g. the demo's runs/demo/classifier)")
+    return ClassifierFeatures.from_folder(str(folder), device=device, batch_size=batch_size)
+
+
 def _sample(pipeline: str, out: Path, num_images: int, num_classes: int | None, batch_size: int, seed: int,
             resize_to: int | None, dtype: str, compile: bool, sampling: dict) -> tuple[Path, dict] | None:
-    """Load the pipeline, check the settings, sample into `out`; (npz, settings) on the main process, else None."""
+    """Load the pipeline, check the settings, sample into `out`; (npz, settings) on the main process, else None.
+    settings["timing"] = {"images", "seconds"} spent in the sampler by this call (0 images when all existed)."""
     from pipelines import MGVQPipeline
 
     dist = Dist()
@@ -124,9 +150,10 @@ def _sample(pipeline: str, out: Path, num_images: int, num_classes: int | None, 
     if dist.rank == 0:
         print(f"sampling {num_images} images, {num_classes} classes, {dist.world_size} process(es): "
               f"{json.dumps(config)}", flush=True)
+    timing = {"images": 0, "seconds": 0.0}
     npz = generate_samples(pipe.sample_fn(compile=compile, **given), out, num_images, num_classes, batch_size, seed,
-                           resize_to, config=config, dist=dist)
-    return (npz, config) if dist.rank == 0 else None
+                           resize_to, config=config, dist=dist, timing=timing)
+    return (npz, {**config, "timing": timing}) if dist.rank == 0 else None
 
 
 def evaluate_generation(*, out: str, pipeline: str | None = None, samples: str | None = None,
@@ -134,16 +161,18 @@ def evaluate_generation(*, out: str, pipeline: str | None = None, samples: str |
                         guidance_scale: float | None = None, temperature=None, top_k=None, top_p=None,
                         cfg_interval: int | None = None, seed: int = 0, resize_to: int | None = None,
                         dtype: str = "float32", compile: bool = False, ref: str | None = None,
-                        inception_weights: str | None = "auto", eval_batch_size: int = 100) -> dict | None:
+                        inception_weights: str | None = "auto", eval_batch_size: int = 100,
+                        feature_net: str | None = "inception") -> dict | None:
     """Sample from `pipeline` (or take the ADM npz `samples`) into `out` and, with `ref`, compute the metrics
     (returned and written to out/metrics.json). Settings as the command line's flags; None sampling settings use the
-    pipeline's defaults. Returns None on non-main processes and without `ref`."""
+    pipeline's defaults; `feature_net` 'inception' or a classifier folder (see --feature-net). Returns None on
+    non-main processes and without `ref`."""
     out = Path(out)
     check_output_dir(out, what="--out")  # an unwritable --out or a full disk fails now, not after the sampling
     inception = None
     if ref is not None and int(os.environ.get("RANK", "0")) == 0:  # fail on missing weights before hours of sampling
-        inception = M.InceptionFeatures(inception_weights, batch_size=eval_batch_size,
-                                        device="cuda" if torch.cuda.is_available() else "cpu")
+        inception = load_feature_net(feature_net, inception_weights, eval_batch_size,
+                                     "cuda" if torch.cuda.is_available() else "cpu")
     for flag, path, what in (("--pipeline", pipeline, "pipeline folder"), ("--samples", samples, "ADM .npz"),
                              ("--ref", ref, "ADM .npz or image folder")):
         if path is not None and not os.path.exists(path):
@@ -155,17 +184,26 @@ def evaluate_generation(*, out: str, pipeline: str | None = None, samples: str |
         if done is None:
             return None
         npz, config = done
+        timing = config.pop("timing")
     else:
+        timing = {"images": 0, "seconds": 0.0}
         npz, config = Path(samples), {"samples": str(Path(samples).resolve())}
     if ref is None:
         print(f"wrote {npz}; no --ref given, so no metrics")
         return None
     t0 = time.time()
     res = evaluate_samples(npz, ref, inception, cache_dir=out, batch_size=eval_batch_size)
-    res.update(samples=str(npz), ref=str(ref), inception_weights=str(inception.weights_path),
-               eval_seconds=round(time.time() - t0, 1), settings=config)
+    if timing["images"]:  # the sampler's speed in this call (generation + decode, this process)
+        res.update(images_per_s=timing["images"] / timing["seconds"], sampling_seconds=round(timing["seconds"], 2))
+    else:  # everything was sampled by an earlier call: keep its measurement
+        old = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").is_file() else {}
+        res.update(images_per_s=old.get("images_per_s"), sampling_seconds=old.get("sampling_seconds"))
+    res.update(samples=str(npz), ref=str(ref), eval_seconds=round(time.time() - t0, 1), settings=config)
+    if res["feature_net"] == "inception-v3-compat":
+        res["inception_weights"] = str(inception.weights_path)
     (out / "metrics.json").write_text(json.dumps(res, indent=2))
-    print(format_table({k: res[k] for k in TABLE_KEYS}))
+    keys = TABLE_KEYS if "fid" in res else TABLE_KEYS_CLASSIFIER
+    print(format_table({k: res.get(k) for k in keys}))
     print(f"wrote {out / 'metrics.json'}")
     return res
 
