@@ -50,8 +50,12 @@ def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), as in ADM's evaluator.
 
-    If the matrix square root is not finite (singular product), eps * I is added to both covariances; a complex
-    result whose diagonal has an imaginary part above 1e-3 is an error, otherwise the real part is used.
+    Singular covariances (a feature that never varies, fewer samples than dimensions) are handled as in ADM /
+    torch-fidelity, without scipy's LinAlgWarning ("Matrix is singular ...") reaching the caller: ADM passes
+    disp=False, which silences it, and scipy's root of a singular product of covariances is accurate. Only if the root
+    is not finite, or scipy flagged the product and the root does not square back to it (relative residual > 1e-6),
+    is eps * I added to both covariances and the root taken again (with a warning, as ADM does). A complex result whose
+    diagonal has an imaginary part above 1e-3 is an error, otherwise the real part is used.
     """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
@@ -60,11 +64,29 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     if sigma1.shape != sigma2.shape or sigma1.shape != (mu1.shape[0], mu1.shape[0]):
         raise ValueError(f"frechet_distance: sigma shapes {sigma1.shape}, {sigma2.shape} do not match mu {mu1.shape}")
     diff = mu1 - mu2
-    covmean = linalg.sqrtm(sigma1.dot(sigma2))
-    if not np.isfinite(covmean).all():
+
+    def sqrtm(a):  # scipy's root, and whether scipy flagged `a` (singular / ill-conditioned LinAlgWarning, not shown)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            root = linalg.sqrtm(a)
+        flagged = False
+        for w in caught:
+            if issubclass(w.category, linalg.LinAlgWarning):
+                flagged = True
+            else:  # any other warning is passed on
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return root, flagged
+
+    product = sigma1.dot(sigma2)
+    covmean, flagged = sqrtm(product)
+    failed = not np.isfinite(covmean).all()
+    if flagged and not failed:
+        scale = np.linalg.norm(product)
+        failed = np.linalg.norm(covmean.dot(covmean) - product) > 1e-6 * (scale if scale > 0 else 1.0)
+    if failed:
         warnings.warn(f"frechet_distance: singular product; adding {eps} to the diagonal of both covariances")
         offset = np.eye(sigma1.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+        covmean, _ = sqrtm((sigma1 + offset).dot(sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise ValueError(f"frechet_distance: imaginary component {np.max(np.abs(covmean.imag))} in sqrtm")

@@ -1,3 +1,4 @@
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,73 @@ def test_frechet_distance_singular_covariances_are_finite():
     assert np.linalg.matrix_rank(s1) == 4
     fd = M.frechet_distance(m1, s1, m2, s2)
     assert np.isfinite(fd) and fd > np.sum((m1 - m2) ** 2)
+
+
+def test_frechet_distance_exactly_singular_pair_is_finite_and_emits_no_linalg_warning():
+    """A feature that never varies (a dead ReLU unit of the demo's classifier) makes both covariances, and their
+    product, exactly singular: scipy's sqrtm warns "Matrix is singular ..."; frechet_distance lets no warning through
+    (ADM's disp=False) and its number is still exact."""
+    rng = np.random.default_rng(4)
+    f1, f2 = rng.normal(size=(200, 6)), rng.normal(size=(200, 6)) * 1.5 + 0.5
+    f1[:, 2] = f2[:, 2] = 0.0  # dead in both sets
+    (m1, s1), (m2, s2) = M.feature_statistics(f1), M.feature_statistics(f2)
+    assert np.linalg.matrix_rank(s1) == np.linalg.matrix_rank(s2) == 5
+    with pytest.warns(linalg.LinAlgWarning, match="singular"):  # the case this test is about (scipy itself warns)
+        linalg.sqrtm(s1 @ s2)
+    live = np.ix_([0, 1, 3, 4, 5], [0, 1, 3, 4, 5])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning, LinAlgWarning included, fails here
+        fd = M.frechet_distance(m1, s1, m2, s2)
+        # the dead dimension adds nothing: the distance over the live ones (a non-singular pair: scipy's formula)
+        want = np.sum((m1 - m2) ** 2) + np.trace(s1[live] + s2[live] - 2 * linalg.sqrtm(s1[live] @ s2[live]).real)
+        assert np.isfinite(fd) and fd == pytest.approx(want, rel=1e-9)
+        # dead in one set only: singular product, finite distance, still silent
+        g1 = f1.copy()
+        g1[:, 4] = 3.0
+        fd1 = M.frechet_distance(*M.feature_statistics(g1), m2, s2)
+        assert np.isfinite(fd1) and fd1 > fd
+        assert M.frechet_distance(np.zeros(3), np.zeros((3, 3)), np.zeros(3), np.zeros((3, 3))) == 0.0
+
+
+def test_frechet_distance_offsets_the_diagonal_when_the_root_fails(monkeypatch):
+    """ADM / torch-fidelity's fallback: a non-finite (or, flagged by scipy, inaccurate) root -> eps * I added to both
+    covariances, root again; scipy's LinAlgWarning never reaches the caller; a large imaginary part is an error."""
+    rng = np.random.default_rng(5)
+    x1, x2 = rng.normal(size=(4, 8)), rng.normal(size=(4, 8))
+    s1, s2, m1, m2 = x1 @ x1.T / 8, x2 @ x2.T / 8, rng.normal(size=4), rng.normal(size=4)
+    real_sqrtm, calls = linalg.sqrtm, []
+
+    def failing_once(a):
+        calls.append(a)
+        if len(calls) == 1:
+            warnings.warn("Matrix is singular. The result might be inaccurate", linalg.LinAlgWarning)
+            return np.full_like(a, np.nan)
+        return real_sqrtm(a)
+
+    monkeypatch.setattr(M.linalg, "sqrtm", failing_once)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", linalg.LinAlgWarning)
+        with pytest.warns(UserWarning, match="adding 0.001 to the diagonal"):
+            fd = M.frechet_distance(m1, s1, m2, s2, eps=1e-3)
+    off = np.eye(4) * 1e-3
+    np.testing.assert_allclose(calls[1], (s1 + off) @ (s2 + off))
+    want = np.sum((m1 - m2) ** 2) + np.trace(s1 + s2 - 2 * real_sqrtm((s1 + off) @ (s2 + off)).real)
+    assert fd == pytest.approx(want, rel=1e-12)
+    # flagged but accurate: no offset (ADM's number); flagged and wrong: offset
+    calls.clear()
+    monkeypatch.setattr(M.linalg, "sqrtm", lambda a: (calls.append(a), warnings.warn("x", linalg.LinAlgWarning),
+                                                      real_sqrtm(a))[-1])
+    assert M.frechet_distance(m1, s1, m2, s2) == pytest.approx(
+        np.sum((m1 - m2) ** 2) + np.trace(s1 + s2 - 2 * real_sqrtm(s1 @ s2).real), rel=1e-12)
+    assert len(calls) == 1
+    monkeypatch.setattr(M.linalg, "sqrtm", lambda a: (calls.append(a), warnings.warn("x", linalg.LinAlgWarning),
+                                                      real_sqrtm(a) * (1.1 if len(calls) == 2 else 1.0))[-1])
+    with pytest.warns(UserWarning, match="singular product"):
+        M.frechet_distance(m1, s1, m2, s2)
+    assert len(calls) == 3
+    monkeypatch.setattr(M.linalg, "sqrtm", lambda a: real_sqrtm(a) + 0.5j * np.eye(len(a)))
+    with pytest.raises(ValueError, match="imaginary component"):
+        M.frechet_distance(m1, s1, m2, s2)
 
 
 def test_feature_statistics_and_sampled_gaussians():
