@@ -209,3 +209,51 @@ def test_cli_samples_from_a_real_tiny_pipeline(tmp_path):
     assert json.loads((tmp_path / "a" / S.CONFIG_NAME).read_text())["guidance_scale"] == 1.5
     assert EG.main(args + ["--resize-to", "16", "--out", str(tmp_path / "b")]) == 0
     assert M.load_npz_images(tmp_path / "b" / "samples.npz").shape == (5, 16, 16, 3)
+
+
+def test_classifier_feature_net_through_the_cli(tmp_path, capsys):
+    """--feature-net DIR: a classifier of the generator's classes scores the samples; FD, accuracy, classifier score
+    and precision / recall equal the hand-computed values; images/s is the sampler's speed; bad folders are refused."""
+    from generator import GPT
+    from pipelines import MGVQPipeline
+    from pipelines.classifier import ClassifierConfig, SmallCNN, classifier_fd, predict, save_classifier
+    from tokenizer import MGVQTokenizer
+
+    torch.manual_seed(0)
+    tok = MGVQTokenizer.from_preset("mgvq-tiny").eval()
+    gpt = GPT.from_preset("GPT-tiny", groups=tok.config.groups, codebook_size=tok.config.codebook_size, grid=8,
+                          num_classes=3, head="parallel")
+    torch.nn.init.normal_(gpt.output.weight, std=0.5)
+    MGVQPipeline(tok, gpt.eval(), id2label=["a", "b", "c"]).save_pretrained(str(tmp_path / "pipe"))
+    clf = SmallCNN(ClassifierConfig(num_classes=3, image_size=32, width=4, feature_dim=8)).eval()
+    for m in clf.modules():  # random but non-degenerate features
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            torch.nn.init.normal_(m.weight, std=0.5)
+    save_classifier(clf, str(tmp_path / "clf"))
+    ref = (np.random.default_rng(0).random((12, 32, 32, 3)) * 255).astype(np.uint8)
+    M.save_npz(tmp_path / "ref.npz", ref)
+
+    n = 9
+    args = ["--pipeline", str(tmp_path / "pipe"), "--num-images", str(n), "--batch-size", "4", "--guidance-scale",
+            "2.0", "--ref", str(tmp_path / "ref.npz"), "--feature-net", str(tmp_path / "clf"), "--out",
+            str(tmp_path / "e")]
+    assert EG.main(args) == 0
+    got = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    with np.load(tmp_path / "e" / "samples.npz") as f:
+        samples, labels = f["arr_0"], f["arr_1"]
+    logits, feats = predict(clf, torch.from_numpy(samples).permute(0, 3, 1, 2))
+    _, ref_feats = predict(clf, torch.from_numpy(ref).permute(0, 3, 1, 2))
+    assert got["feature_net"] == f"classifier:{tmp_path / 'clf'}" and got["num_images"] == n
+    assert got["accuracy"] == pytest.approx(float((logits.argmax(1).numpy() == labels).mean()))
+    assert got["fd"] == pytest.approx(classifier_fd(ref_feats, feats), rel=1e-5) and got["fd"] > 0
+    assert got["classifier_score"] == pytest.approx(M.inception_score(logits=logits.numpy(), splits=n)[0], rel=1e-5)
+    assert (got["precision"], got["recall"]) == pytest.approx(M.precision_recall(ref_feats.numpy(), feats.numpy()))
+    assert "fid" not in got and "inception_score" not in got  # Inception's numbers only from Inception
+    assert "inception_weights" not in got and got["images_per_s"] > 0
+    assert "accuracy" in capsys.readouterr().out
+    # a rerun into the same folder samples nothing and keeps the measured speed
+    speed = got["images_per_s"]
+    assert EG.main(args) == 0
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["images_per_s"] == speed
+    with pytest.raises(FileNotFoundError, match="--feature-net=.*valid: 'inception', or a classifier folder"):
+        EG.main(args[:-4] + ["--feature-net", str(tmp_path / "pipe"), "--out", str(tmp_path / "f")])
