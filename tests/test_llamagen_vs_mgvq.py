@@ -124,6 +124,8 @@ def test_quick_path_end_to_end(tmp_path):
     m = json.loads((out / "seed0" / "eval" / "cfg3" / "llamagen" / "metrics.json").read_text())
     assert m["feature_net"].startswith("classifier:") and m["num_images"] == 20
     assert m["fd"] == pytest.approx(res["llamagen"]["sweep"][1]["fd"])
+    real = res["meta"]["real_images"]  # real training images through the same evaluator: the ceiling
+    assert real["num_images"] == 20 and real["accuracy"] > 0.1 and real["fd"] >= 0 and 0 < real["recall"] <= 1
     png = out / "fd_vs_accuracy.png"
     assert png.is_file() and png.stat().st_size > 10_000
     assert "| llamagen |" in (out / "results.md").read_text()
