@@ -19,6 +19,8 @@ score (IS formula on its class probabilities) and sampling images/s (generation 
     python bench/llamagen_vs_mgvq.py --out runs/llamagen_vs_mgvq --jobs 2        # the run docs/results.md reports
     python bench/llamagen_vs_mgvq.py --quick --out /tmp/lvm                       # same code path, < 10 min
     python bench/llamagen_vs_mgvq.py --out runs/lvm --rows llamagen mgvq-parallel --seeds 0
+    python bench/llamagen_vs_mgvq.py --out runs/lvm_4800 --rows llamagen mgvq-parallel --gen-steps 4800 \
+        --tokenizers-from runs/llamagen_vs_mgvq --jobs 2      # parallel rows at ~ the AR rows' training time
 
 Writes <out>/results.json ({row: {..., "sweep": [{guidance_scale, fd, accuracy, precision, recall, images_per_s,
 classifier_score, per_seed}, ...]}, "meta": {...}}), <out>/results.md (the tables) and <out>/fd_vs_accuracy.png (FD
@@ -126,7 +128,8 @@ def prepare(out: Path, p: dict, data_dir: str | None):
 
 
 # ---- one seed: tokenizers, codes, generators, pipelines, the guidance sweep through `mgvq compare` -------------------
-def run_seed(out: Path, p: dict, seed: int, rows: list[str], data_dir: str | None) -> dict:
+def run_seed(out: Path, p: dict, seed: int, rows: list[str], data_dir: str | None,
+             tokenizers_from: str | None = None) -> dict:
     from generator import GPT
     from pipelines import MGVQPipeline
     from pipelines.classifier import classifier_fd, predict
@@ -142,10 +145,10 @@ def run_seed(out: Path, p: dict, seed: int, rows: list[str], data_dir: str | Non
     for tname in dict.fromkeys(ROWS[r].tokenizer for r in rows):  # each tokenizer once, in row order
         spec = TOKENIZERS[tname]
         tp = dict(p, tok_overrides={**p["tok_overrides"], **spec.overrides()})
-        tfolder = sdir / tname
+        tfolder = (Path(tokenizers_from) / f"seed{seed}" if tokenizers_from else sdir) / tname
         _log(f"seed {seed}: tokenizer {tname} (G={spec.groups}, K={spec.codebook_size}, C={spec.latent_dim})")
-        tok_dir = D.train_tokenizer(tfolder, data_path, tp, seed)
-        codes_dir = D.cache_codes(tfolder, tok_dir, data_path, tp)
+        tok_dir = D.train_tokenizer(tfolder, data_path, tp, seed, reuse_only=bool(tokenizers_from))
+        codes_dir = D.cache_codes(tfolder, tok_dir, data_path, tp, reuse_only=bool(tokenizers_from))
         tok = MGVQTokenizer.from_pretrained(str(tok_dir)).eval()
         m, recons = D.evaluate_tokenizer(tok, x_test[:p["tok_eval"]])
         _, recon_feats = predict(clf, recons[spec.groups])
@@ -330,6 +333,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--num-train", type=int, help="training images for classifier / tokenizers (default: all)")
     ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for every row (default 1)")
     ap.add_argument("--top-k", type=int, default=0, help="top-k for every row's sub-codebooks (default 0: off)")
+    ap.add_argument("--tokenizers-from", metavar="DIR",
+                    help="reuse the tokenizers and code caches of an earlier run's --out (same profile / tokenizer "
+                         "settings; refused otherwise), e.g. to train the generators longer into a new --out")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--threads", type=int, help="torch threads per process (default: cores / jobs)")
     ap.add_argument("--jobs", type=int, default=1, help="run the seeds in this many processes")
@@ -365,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = min(a.jobs, len(p["seeds"]))
     torch.set_num_threads(a.threads or max(1, (os.cpu_count() or 1) // jobs))
     if a.seed_only:
-        run_seed(out, p, p["seeds"][0], rows, a.data_dir)
+        run_seed(out, p, p["seeds"][0], rows, a.data_dir, a.tokenizers_from)
         return 0
     t0 = time.time()
     prepare(out, p, a.data_dir)  # once, before any worker starts (the classifier and the reference are shared)
@@ -385,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             log.close()
         per_seed = [json.loads((out / f"seed{s}" / "seed_results.json").read_text()) for s in p["seeds"]]
     else:
-        per_seed = [run_seed(out, p, s, rows, a.data_dir) for s in p["seeds"]]
+        per_seed = [run_seed(out, p, s, rows, a.data_dir, a.tokenizers_from) for s in p["seeds"]]
     meta = {"profile": "quick" if a.quick else "default", "command": "python bench/llamagen_vs_mgvq.py "
             + " ".join(argv), "samples_per_row": p["per_class"] * 10, "temperature": p["sweep_temperature"],
             "top_k": p["sweep_top_k"], "guidance": p["guidance"], "wall_seconds": time.time() - t0,

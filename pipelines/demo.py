@@ -109,13 +109,19 @@ def to_model(x_uint8: np.ndarray) -> torch.Tensor:
 
 
 # ---- stage bookkeeping -----------------------------------------------------------------------------------------------
-def stage_done(folder: Path, settings: dict, needs: list[str]) -> bool:
-    """True when `folder` holds a finished stage with exactly these settings; otherwise the folder is cleared."""
+def stage_done(folder: Path, settings: dict, needs: list[str], reuse_only: bool = False) -> bool:
+    """True when `folder` holds a finished stage with exactly these settings; otherwise the folder is cleared
+    (`reuse_only`: left alone, and a FileNotFoundError says what is missing or different)."""
     marker = folder / STAGE_FILE
+    stored = None
     if marker.is_file() and all((folder / n).exists() for n in needs):
         with open(marker) as f:
-            if json.load(f) == json.loads(json.dumps(settings)):
+            stored = json.load(f)
+            if stored == json.loads(json.dumps(settings)):
                 return True
+    if reuse_only:
+        raise FileNotFoundError(f"{folder}: no finished stage with these settings to reuse (stored {stored}, "
+                                f"wanted {json.loads(json.dumps(settings))})")
     if folder.exists():
         shutil.rmtree(folder)
     return False
@@ -143,14 +149,15 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 # ---- stages ----------------------------------------------------------------------------------------------------------
-def train_tokenizer(out: Path, data_path: Path, p: dict, seed: int) -> Path:
-    """mgvq-tiny + p["tok_overrides"] (any TokenizerConfig fields, dotted keys) -> <out>/tokenizer/final."""
+def train_tokenizer(out: Path, data_path: Path, p: dict, seed: int, reuse_only: bool = False) -> Path:
+    """mgvq-tiny + p["tok_overrides"] (any TokenizerConfig fields, dotted keys) -> <out>/tokenizer/final
+    (`reuse_only`: an earlier run's finished stage or an error, never training)."""
     from tokenizer.train import TrainConfig, train
 
     folder = out / "tokenizer"
     settings = {"steps": p["tok_steps"], "batch": p["tok_batch"], "lr": p["tok_lr"], "overrides": p["tok_overrides"],
                 "seed": seed, "data": str(data_path)}
-    if stage_done(folder, settings, ["final/model.safetensors"]):
+    if stage_done(folder, settings, ["final/model.safetensors"], reuse_only):
         _log(f"tokenizer: reusing {folder / 'final'}")
         return folder / "final"
     cfg = TrainConfig(model="mgvq-tiny", model_overrides=dict(p["tok_overrides"]), data=str(data_path),
@@ -167,14 +174,14 @@ def train_tokenizer(out: Path, data_path: Path, p: dict, seed: int) -> Path:
     return folder / "final"
 
 
-def cache_codes(out: Path, tok_dir: Path, data_path: Path, p: dict) -> Path:
+def cache_codes(out: Path, tok_dir: Path, data_path: Path, p: dict, reuse_only: bool = False) -> Path:
     from pipelines.fashion_mnist import CLASSES
     from runtime.fingerprint import tokenizer_sha256
     from tokenizer import cache_codes as cc
 
     folder = out / "codes"
     settings = {"tokenizer": tokenizer_sha256(tok_dir), "limit": p["cache_limit"], "data": str(data_path)}
-    if stage_done(folder, settings, ["meta.json"]):
+    if stage_done(folder, settings, ["meta.json"], reuse_only):
         _log(f"codes: reusing {folder}")
         return folder
     t0 = time.time()

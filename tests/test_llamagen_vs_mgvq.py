@@ -133,3 +133,16 @@ def test_quick_path_end_to_end(tmp_path):
     assert B.main(argv) == 0
     again = json.loads((out / "results.json").read_text())
     assert again["mgvq-g8-ar"]["sweep"] == res["mgvq-g8-ar"]["sweep"]
+    # longer generators on the same tokenizers in a new folder; a tokenizer with other settings is refused, untouched
+    longer = tmp_path / "longer"
+    argv2 = [a if a != str(out) else str(longer) for a in argv]
+    argv2[argv2.index("--gen-steps") + 1] = "3"
+    assert B.main(argv2 + ["--rows", "llamagen", "--tokenizers-from", str(out)]) == 0
+    res2 = json.loads((longer / "results.json").read_text())
+    assert res2["llamagen"]["tokenizer_psnr"] == res["llamagen"]["tokenizer_psnr"]
+    assert not (longer / "seed0" / "g1-c8").exists() and set(res2) == {"llamagen", "meta"}
+    argv3 = [a if a != str(out) else str(tmp_path / "other") for a in argv]
+    argv3[argv3.index("--tok-steps") + 1] = "3"
+    with pytest.raises(FileNotFoundError, match="no finished stage with these settings"):
+        B.main(argv3 + ["--rows", "llamagen", "--tokenizers-from", str(out)])
+    assert (out / "seed0" / "g1-c8" / "tokenizer" / "final" / "model.safetensors").is_file()
