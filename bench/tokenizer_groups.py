@@ -19,6 +19,8 @@ only the bottleneck differs:
                   fine-tune (init_from the stage-1 weights, nested_keep_probs=None) for the rest: same total steps
                   (diagnostic g8+nested-ft: the reverse, mask-free first, nested masking in the fine-tune)
   ae / kl         continuous baselines with C=32: a plain autoencoder and an SD-VAE-style KL VAE (kl_weight 1e-6)
+  sdvae-f8c4      the paper's VAE in its own terms: a KL VAE shaped like SD-VAE (f8, C=4), the same blocks at the
+                  first 4 levels of --widths (default 16-32-64-64), so 4x4x4 latents where the other rows have 2x2x32
   plus the diagnostic rows in ROWS (each one changes one thing about g8 / g8-nested; see docs/results.md).
 
 Evaluation (evaluation.reconstruct.evaluate_reconstruction, on uint8 reconstructions) on 2048 held-out crops (another
@@ -68,6 +70,9 @@ def rows(total: int) -> dict[str, dict]:
                              what="MGVQ G=8, nested then mask-free fine-tune"),
         "ae": dict(model=dict(quantizer="none", latent_dim=32, groups=1), what="continuous AE C=32"),
         "kl": dict(model=dict(quantizer="kl", latent_dim=32, groups=1), what="continuous KL-VAE C=32 (kl 1e-6)"),
+        # the paper's VAE in its own terms: SD-VAE's shape (f8, C=4), same blocks, the first 4 --widths levels
+        "sdvae-f8c4": dict(model=dict(quantizer="kl", latent_dim=4, groups=1), downsample=8,
+                           what="SD-VAE shape: KL-VAE f8 C=4 (kl 1e-6)"),
         # diagnostics: each changes one thing about g8 / g8-nested (docs/results.md)
         "g8-nested-pairs": dict(model=_mgvq(8, False, total, nested_keep_probs=[0, .2, 0, .1, 0, .1, 0, .6]),
                                 what="G=8, G=4's schedule on pairs (k=2,4,6,8)"),
@@ -92,24 +97,37 @@ def rows(total: int) -> dict[str, dict]:
     return r
 
 
-DEFAULT_ROWS = ["single", "ae", "g8", "g8-nested", "g8-nested+ft", "g4", "g4-nested", "kl"]
+DEFAULT_ROWS = ["single", "ae", "g8", "g8-nested", "g8-nested+ft", "g4", "g4-nested", "kl", "sdvae-f8c4"]
 
 
 def held_out(n: int, size: int, seed: int) -> np.ndarray:
     return skimage_crops(n, size, seed=10_000 + seed)[0]  # uint8 (n, S, S, 3); training uses seed `seed`
 
 
-def backbone(args) -> tuple[str, dict]:
-    """(preset, model_overrides) of the shared encoder / decoder; f = 2^(len(widths) - 1)."""
-    n = len(args.widths)
+def row_widths(name: str, spec: dict, widths: list[int]) -> list[int]:
+    """The row's width per resolution level: all of --widths, or, for a row with its own downsample factor f
+    (sdvae-f8c4), the first log2(f) + 1 levels of --widths (the same blocks, fewer downsamplings)."""
+    f = spec.get("downsample")
+    if f is None:
+        return list(widths)
+    levels = f.bit_length()  # f = 2^(levels - 1)
+    if f < 2 or f & (f - 1) or levels > len(widths):
+        raise ValueError(f"row {name} needs f{f}: --widths must have at least {levels} levels (f = 2^(levels - 1)), "
+                         f"got {list(widths)} (f{2 ** (len(widths) - 1)})")
+    return list(widths[:levels])
+
+
+def backbone(args, widths: list[int]) -> tuple[str, dict]:
+    """(preset, model_overrides) of the shared encoder / decoder at these widths; f = 2^(len(widths) - 1)."""
+    n = len(widths)
     if args.backbone == "vqgan":  # LlamaGen's conv VQGAN (mgvq-tiny layout); widths = ch * ch_mult
-        ch = args.widths[0]
-        return "mgvq-tiny", {"vqgan.ch": ch, "vqgan.ch_mult": [w // ch for w in args.widths]}
+        ch = widths[0]
+        return "mgvq-tiny", {"vqgan.ch": ch, "vqgan.ch_mult": [w // ch for w in widths]}
     # DC-AE (the released MGVQ backbone family, mgvq-dcae-tiny layout): stage 0 is the pixel-unshuffle stem, then
     # ResBlock stages and one EViT_GLU stage at the lowest resolution (BatchNorm / ReLU in the decoder's ResBlock
     # stages, RMSNorm / SiLU in the EViT stage, as released)
     blocks = ["ResBlock"] * (n - 1) + ["EViT_GLU"]
-    return "mgvq-dcae-tiny", {"dcae.width_list": list(args.widths), "dcae.encoder_depth_list": [0] + [args.depth] * (n - 1),
+    return "mgvq-dcae-tiny", {"dcae.width_list": list(widths), "dcae.encoder_depth_list": [0] + [args.depth] * (n - 1),
                               "dcae.decoder_depth_list": [0] + [args.depth] * (n - 1), "dcae.block_type": blocks,
                               "dcae.decoder_norm": ["bn2d"] * (n - 1) + ["trms2d"],
                               "dcae.decoder_act": ["relu"] * (n - 1) + ["silu"]}
@@ -118,7 +136,7 @@ def backbone(args) -> tuple[str, dict]:
 def train_row(name: str, spec: dict, args, seed: int, out: Path) -> Path:
     """Train one row with tokenizer.train; returns its save_pretrained folder."""
     steps = round(args.steps * spec.get("steps_mult", 1.0))
-    preset, arch = backbone(args)
+    preset, arch = backbone(args, row_widths(name, spec, args.widths))
     model = {**arch, "reinit_decay": args.reinit_decay, "image_size": args.image_size, **spec["model"]}
     base = dict(model=preset, data="skimage", num_crops=args.num_crops, image_size=args.image_size,
                 batch_size=args.batch_size, lr=args.lr * spec.get("lr_mult", 1.0), lr_schedule=args.lr_schedule, precision="fp32", resume=None,
@@ -273,6 +291,11 @@ def main(argv=None) -> int:
                 per_seed.setdefault(int(seed), {}).update(res)
         print(summary(argparse.Namespace(**{**vars(args), **settings}), per_seed))
         return 0
+    for name in args.rows:
+        try:
+            row_widths(name, rows(args.total_codes)[name], args.widths)
+        except ValueError as e:
+            ap.error(str(e))
     t0 = time.time()
     if args._json:  # child
         Path(args._json).write_text(json.dumps(run_seed(args, args.seeds[0])))

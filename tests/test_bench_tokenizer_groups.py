@@ -79,3 +79,19 @@ def test_group_use_finds_a_group_the_decoder_ignores():
     assert drops[1] == 0.0 and all(d != 0.0 for i, d in enumerate(drops) if i != 1)
     assert all(0 < g["entropy_bits"] <= r["max_bits"] + 1e-6 for g in r["groups"]) and r["max_bits"] == 8
     assert 0 < r["psnr"] < 60
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_groups", ROOT / "bench" / "tokenizer_groups.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_sdvae_row_needs_four_width_levels(capsys):
+    bench = _bench()
+    with pytest.raises(SystemExit):
+        bench.main(["--seeds", "0", "--rows", "sdvae-f8c4", "--widths", "8", "8", "32", "--image-size", "16"])
+    assert "row sdvae-f8c4 needs f8: --widths must have at least 4 levels" in capsys.readouterr().err
+    assert bench.row_widths("sdvae-f8c4", bench.rows(1024)["sdvae-f8c4"], [16, 32, 64, 64, 64]) == [16, 32, 64, 64]
+    assert "sdvae-f8c4" in bench.DEFAULT_ROWS
