@@ -27,6 +27,18 @@ Evaluation (evaluation.reconstruct.evaluate_reconstruction, on uint8 reconstruct
 seed: new random crops and scales of the same photos): PSNR of the dataset-mean MSE (MGVQ's convention), SSIM, LPIPS
 (VGG; skipped if the weights are absent), codebook usage per group (fraction of the K codes used on the held-out
 crops), and PSNR when decoding only the first k groups (groups_to_use = 1..G, coarse to fine).
+Beside the held-out crops, every row is scored on data the training never draws from (the paper's zero-shot claim):
+  zero-shot       ZERO_SHOT_PHOTOS, 9 photos bundled with scikit-image that are not training photos (checked by name
+                  and by content: check_not_training), or the images of --zero-shot-dir; each centre-cropped to a
+                  square of its short side and resized with PIL bicubic to 1x / 2x / 4x / 8x the crop size (the
+                  paper's resolution table in small; multiples of every row's f since the crop size is one)
+  other domain    the first --eval-crops Fashion-MNIST test images (grey -> RGB, bicubic 28 -> crop size; the column
+                  is skipped with a note when the Debian package dataset-fashion-mnist / --fashion-mnist-dir is absent)
+  quant error     VQ rows: ||z - q(z)||^2 / ||z||^2 per group (z the quantizer's input, L2-normalised per group
+                  when l2_norm, as the codes see it; q(z) its nearest code) on the held-out crops, the zero-shot
+                  photos at each size and the other domain: do new latents fall off the codebook?
+results.json per row: "zero_shot" {"<size>": PSNR}, "other_domain" {"name", "psnr", "note"}, "quant_error"
+{"held_out", "zero_shot" {"<size>"}, "other_domain", "by_group"} (None for continuous rows); a second table prints them.
 Several seeds run as parallel processes (one torch thread each; `--jobs 1` runs them one after the other); the table
 gives the per-seed PSNRs and the means. bench/tokenizer_group_use.py then tells which groups the decoder actually uses.
 Writes <out>/results.json (all numbers, per seed) and prints the table.
@@ -42,12 +54,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evaluation.reconstruct import evaluate_reconstruction  # noqa: E402
 from tokenizer import MGVQTokenizer  # noqa: E402
-from tokenizer.data import skimage_crops  # noqa: E402
+from tokenizer.data import IMAGE_EXTS, SKIMAGE_PHOTOS, load_rgb, skimage_crops, skimage_photos  # noqa: E402
 from tokenizer.quantizer import default_keep_probs  # noqa: E402
 from tokenizer.train import TrainConfig, train  # noqa: E402
 
@@ -100,8 +114,89 @@ def rows(total: int) -> dict[str, dict]:
 DEFAULT_ROWS = ["single", "ae", "g8", "g8-nested", "g8-nested+ft", "g4", "g4-nested", "kl", "sdvae-f8c4"]
 
 
+# ---- evaluation sets: held-out crops of the training photos, zero-shot photos, another domain ---------------------
 def held_out(n: int, size: int, seed: int) -> np.ndarray:
     return skimage_crops(n, size, seed=10_000 + seed)[0]  # uint8 (n, S, S, 3); training uses seed `seed`
+
+
+# The zero-shot source: photos bundled with scikit-image (so on every machine the README sets up) that training never
+# draws from (it crops tokenizer.data.SKIMAGE_PHOTOS). Left out: the right image of the stereo motorcycle pair (the
+# left one is a training photo), documents (page, text), images under 256 px (microaneurysms, lfw_subset) and the
+# synthetic ones (colorwheel, logo, checkerboard, horse, phantom, binary_blobs). All but retina are greyscale (-> RGB).
+ZERO_SHOT_PHOTOS = ("retina", "camera", "coins", "moon", "grass", "gravel", "brick", "cell", "clock")
+ZERO_SHOT_SCALES = (1, 2, 4, 8)  # x the training crop size: the paper's resolution table in small
+NEAR_DUPLICATE = 0.7  # correlation of 16 x 16 grey thumbnails at which a photo counts as a training photo
+
+
+def _thumb(photo: np.ndarray) -> np.ndarray:
+    t = np.asarray(Image.fromarray(photo).convert("L").resize((16, 16), Image.BOX), np.float64).ravel()
+    t = t - t.mean()
+    return t / max(float(np.linalg.norm(t)), 1e-9)
+
+
+def check_not_training(photos: dict[str, np.ndarray]) -> None:
+    """Raise if a zero-shot photo is a training photo: same name, or the same whole image (grey 16 x 16 thumbnails
+    correlated >= NEAR_DUPLICATE, mirrored too; distinct bundled photos stay below 0.42, the stereo pair's two
+    views are at 0.86). A crop of a training photo is not detected: keep the sources apart by where they come from."""
+    training = dict(zip(SKIMAGE_PHOTOS, skimage_photos()))
+    same = sorted(set(photos) & set(training))
+    if same:
+        raise ValueError(f"zero-shot photos {same} are training photos (tokenizer.data.SKIMAGE_PHOTOS)")
+    thumbs = {n: _thumb(p) for n, p in training.items()}
+    for name, photo in photos.items():
+        for t in (_thumb(photo), _thumb(np.ascontiguousarray(photo[:, ::-1]))):
+            for train_name, u in thumbs.items():
+                if float(t @ u) >= NEAR_DUPLICATE:
+                    raise ValueError(f"zero-shot photo {name!r} is a near-duplicate of the training photo "
+                                     f"{train_name!r} (thumbnail correlation {float(t @ u):.2f} >= {NEAR_DUPLICATE})")
+
+
+def zero_shot_photos(folder: str | None = None) -> dict[str, np.ndarray]:
+    """name -> uint8 RGB photo, none of them a training photo: scikit-image's ZERO_SHOT_PHOTOS, or every image in
+    `folder` (e.g. foolbox's 20 ImageNet photos or opencv-doc's examples/data; neither is installed by the README)."""
+    if folder is None:
+        from skimage import data
+
+        photos = {n: np.asarray(Image.fromarray(getattr(data, n)()).convert("RGB")) for n in ZERO_SHOT_PHOTOS}
+    else:
+        files = sorted(f for f in Path(folder).iterdir() if f.suffix.lower() in IMAGE_EXTS) if Path(
+            folder).is_dir() else []
+        if not files:
+            raise FileNotFoundError(f"--zero-shot-dir {folder}: no images ({', '.join(IMAGE_EXTS)}) in it")
+        photos = {f.stem: np.asarray(load_rgb(f)) for f in files}
+    check_not_training(photos)
+    return photos
+
+
+def zero_shot_sizes(image_size: int) -> list[int]:
+    """1x, 2x, 4x and 8x the training crop size (multiples of f, since the crop size is)."""
+    return [k * image_size for k in ZERO_SHOT_SCALES]
+
+
+def square(photo: np.ndarray, size: int) -> np.ndarray:
+    """Centre crop to a square of the short side, then a PIL bicubic resize to size x size -> uint8 (S, S, 3)."""
+    h, w = photo.shape[:2]
+    s = min(h, w)
+    y, x = (h - s) // 2, (w - s) // 2
+    return np.asarray(Image.fromarray(photo[y:y + s, x:x + s]).resize((size, size), Image.BICUBIC))
+
+
+def zero_shot_images(photos: dict[str, np.ndarray], sizes: list[int]) -> dict[int, np.ndarray]:
+    """size -> uint8 (n_photos, S, S, 3), every photo at every size."""
+    return {s: np.stack([square(p, s) for p in photos.values()]) for s in sizes}
+
+
+def other_domain(n: int, size: int, folder: str | None) -> tuple[np.ndarray | None, str]:
+    """The first n Fashion-MNIST test images (grey -> RGB, PIL bicubic 28 -> size px) and a note; (None, why) when the
+    data is absent (Debian dataset-fashion-mnist, or `folder`; nothing is downloaded)."""
+    from pipelines.fashion_mnist import load_fashion_mnist
+
+    try:
+        images = load_fashion_mnist("test", folder, download=False)[0][:n]
+    except FileNotFoundError as e:
+        return None, f"skipped: {e}"
+    out = np.stack([np.asarray(Image.fromarray(a).convert("RGB").resize((size, size), Image.BICUBIC)) for a in images])
+    return out, f"{len(out)} test images, grey -> RGB, bicubic 28 -> {size} px"
 
 
 def row_widths(name: str, spec: dict, widths: list[int]) -> list[int]:
@@ -158,12 +253,16 @@ def train_row(name: str, spec: dict, args, seed: int, out: Path) -> Path:
     return run2 / "final"
 
 
-def evaluate(tok: MGVQTokenizer, images: np.ndarray, lpips_fn) -> dict:
+def _codec(tok: MGVQTokenizer) -> tuple:
+    """(encode_fn, decode_fn, groups) as evaluation.reconstruct takes them (groups 0: a continuous latent)."""
     tok.eval()
     if tok.is_quantized:
-        enc, dec, groups = tok.encode, (lambda idx, g: tok.decode(idx, groups_to_use=g)), tok.config.groups
-    else:
-        enc, dec, groups = tok.encode_latent, (lambda z, g: tok.decode_latent(z)), 0
+        return tok.encode, (lambda idx, g: tok.decode(idx, groups_to_use=g)), tok.config.groups
+    return tok.encode_latent, (lambda z, g: tok.decode_latent(z)), 0
+
+
+def evaluate(tok: MGVQTokenizer, images: np.ndarray, lpips_fn) -> dict:
+    enc, dec, groups = _codec(tok)
     r = evaluate_reconstruction(enc, dec, images, groups=groups, codebook_size=tok.config.codebook_size,
                                 lpips_fn=lpips_fn, batch_size=128, num_examples=0, progress=False)
     by_k = r.get("psnr_of_mean_mse_by_groups_to_use", {})
@@ -171,10 +270,58 @@ def evaluate(tok: MGVQTokenizer, images: np.ndarray, lpips_fn) -> dict:
             "usage": r.get("codebook_usage"), "psnr_by_groups": [by_k[k] for k in sorted(by_k, key=int)]}
 
 
+def psnr(tok: MGVQTokenizer, images: np.ndarray) -> float:
+    """PSNR of the dataset-mean MSE of uint8 reconstructions (the held-out column's convention), any image size."""
+    enc, dec, groups = _codec(tok)
+    return evaluate_reconstruction(enc, dec, images, groups=groups, batch_size=32, coarse_to_fine=False,
+                                   num_examples=0, progress=False)["psnr_of_mean_mse"]
+
+
+@torch.no_grad()
+def quant_error(tok: MGVQTokenizer, images: np.ndarray, batch: int = 32) -> list[float]:
+    """Per group: sum ||z - q(z)||^2 / sum ||z||^2 over every latent position of the images, z the quantizer's input
+    as it is compared with the codes (per-group L2-normalised when l2_norm) and q(z) its nearest code."""
+    tok.eval()
+    q = tok.quantize
+    G, D = q.groups, q.group_dim
+    num, den = torch.zeros(G, dtype=torch.float64), torch.zeros(G, dtype=torch.float64)
+    for i in range(0, len(images), batch):
+        x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        z = tok.encode_latent(x).float()
+        zq = q.lookup(q.encode_indices(z)).float()
+        zg, qg = (t.permute(0, 2, 3, 1).reshape(-1, G, D) for t in (z, zq))
+        if q.l2_norm:
+            zg = F.normalize(zg, dim=-1)
+        num += (zg - qg).pow(2).sum((0, 2)).double()
+        den += zg.pow(2).sum((0, 2)).double()
+    return (num / den).tolist()
+
+
+def transfer(tok: MGVQTokenizer, held: np.ndarray, zero_shot: dict[int, np.ndarray], other: np.ndarray | None,
+             other_note: str) -> dict:
+    """Zero-shot PSNR per size, the other domain's PSNR and, for a VQ row, the quantization error per set."""
+    r = {"zero_shot": {str(s): psnr(tok, x) for s, x in zero_shot.items()},
+         "other_domain": {"name": "fashion-mnist", "psnr": None if other is None else psnr(tok, other),
+                          "note": other_note},
+         "quant_error": None}
+    if tok.is_quantized:
+        by_group = {"held_out": quant_error(tok, held)} | {str(s): quant_error(tok, x) for s, x in zero_shot.items()}
+        if other is not None:
+            by_group["other_domain"] = quant_error(tok, other)
+        mean = {k: float(np.mean(v)) for k, v in by_group.items()}
+        r["quant_error"] = {"held_out": mean["held_out"], "zero_shot": {str(s): mean[str(s)] for s in zero_shot},
+                            "other_domain": mean.get("other_domain"), "by_group": by_group}
+    return r
+
+
 def run_seed(args, seed: int) -> dict:
     torch.set_num_threads(args.threads)
     out = Path(args.out) / f"seed{seed}"
     images = held_out(args.eval_crops, args.image_size, seed)
+    zero_shot = zero_shot_images(zero_shot_photos(args.zero_shot_dir), zero_shot_sizes(args.image_size))
+    other, other_note = other_domain(args.eval_crops, args.image_size, args.fashion_mnist_dir)
+    if other is None:
+        print(f"fashion-mnist column {other_note}", flush=True)
     lpips_fn = None
     try:
         from tokenizer.lpips import load_lpips
@@ -190,8 +337,8 @@ def run_seed(args, seed: int) -> dict:
         folder = train_row(name, spec[name], args, seed, out)
         tok = MGVQTokenizer.from_pretrained(str(folder))
         with torch.no_grad():
-            results[name] = evaluate(tok, images, lpips_fn) | {"params": tok.num_parameters(),
-                                                               "seconds": time.time() - t0}
+            results[name] = (evaluate(tok, images, lpips_fn) | transfer(tok, images, zero_shot, other, other_note)
+                             | {"params": tok.num_parameters(), "seconds": time.time() - t0})
         print(f"[seed {seed}] {name}: {json.dumps(results[name])}", flush=True)
     return results
 
@@ -223,7 +370,39 @@ def table(args, per_seed: dict[int, dict]) -> str:
         lines.append(f"{n:<14} {spec[n]['what']:<44} {mean(n, 'psnr'):>6.2f} {ps:>13} {_fmt(mean(n, 'ssim'), '{:.3f}'):>6} "
                      f"{_fmt(mean(n, 'lpips'), '{:.3f}'):>6} {_fmt(float(np.mean(usage)) if usage else None):>6}  "
                      + " ".join(f"{v:.2f}" for v in by_k))
-    return "\n".join(lines)
+    return "\n".join(lines + transfer_table(args, per_seed, names))
+
+
+def transfer_table(args, per_seed: dict[int, dict], names: list[str]) -> list[str]:
+    """The zero-shot / other-domain PSNRs and quantization errors, means over seeds ("-": not measured)."""
+    seeds = sorted(per_seed)
+    sizes = [str(s) for s in zero_shot_sizes(args.image_size)]
+
+    def mean(name, *path):
+        vals = []
+        for s in seeds:
+            v = per_seed[s][name]
+            for k in path:
+                v = v.get(k) if isinstance(v, dict) else None
+            vals.append(v)
+        return None if any(v is None for v in vals) else float(np.mean(vals))
+
+    src = args.zero_shot_dir or f"{len(ZERO_SHOT_PHOTOS)} scikit-image photos {', '.join(ZERO_SHOT_PHOTOS)}"
+    notes = {per_seed[s][n].get("other_domain", {}).get("note") for s in seeds for n in names} - {None}
+    head = "  ".join(f"{'zs ' + z:>7}" for z in sizes)
+    lines = [f"Zero-shot: {src} (none of them a training photo), centre square crop, PIL bicubic resize to "
+             f"{' / '.join(sizes)} px (1x 2x 4x 8x the crop size); other domain: Fashion-MNIST "
+             f"({'; '.join(sorted(notes)) or 'not measured'}); PSNR of the mean MSE, means over seeds",
+             "quant error = ||z - q(z)||^2 / ||z||^2 of the quantizer's (L2-normalised) input, mean over groups",
+             f"{'row':<14} {'held-out':>8}  {head}  {'f-mnist':>7}   quant error: {'held-out':>8}  {head}  "
+             f"{'f-mnist':>7}"]
+    for n in names:
+        zs = "  ".join(f"{_fmt(mean(n, 'zero_shot', z)):>7}" for z in sizes)
+        qe = "  ".join(f"{_fmt(mean(n, 'quant_error', 'zero_shot', z), '{:.4f}'):>7}" for z in sizes)
+        lines.append(f"{n:<14} {_fmt(mean(n, 'psnr')):>8}  {zs}  {_fmt(mean(n, 'other_domain', 'psnr')):>7}   "
+                     f"{'':12} {_fmt(mean(n, 'quant_error', 'held_out'), '{:.4f}'):>8}  {qe}  "
+                     f"{_fmt(mean(n, 'quant_error', 'other_domain'), '{:.4f}'):>7}")
+    return lines
 
 
 def goals(per_seed: dict[int, dict], g8: str) -> list[str]:
@@ -265,6 +444,12 @@ def main(argv=None) -> int:
                     help="two-stage rows (g8-nested+ft, g8+nested-ft): share of the steps in stage 2")
     ap.add_argument("--num-crops", type=int, default=4096)
     ap.add_argument("--eval-crops", type=int, default=2048)
+    ap.add_argument("--zero-shot-dir", default=None,
+                    help="zero-shot photos from this folder instead of scikit-image's ZERO_SHOT_PHOTOS (e.g. foolbox's "
+                         "ImageNet photos; each is checked not to be a training photo)")
+    ap.add_argument("--fashion-mnist-dir", default=None,
+                    help="other-domain column: Fashion-MNIST IDX folder (default: the Debian package's folder or the "
+                         "cache; nothing is downloaded, the column is skipped with a note when absent)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process (1 is fastest on shared cores)")
     ap.add_argument("--out", default="runs/bench-tokenizer-groups")
     ap.add_argument("--from-results", nargs="+", metavar="RESULTS_JSON",
@@ -283,8 +468,9 @@ def main(argv=None) -> int:
             run = json.loads(Path(f).read_text())
             mine = {k: v for k, v in run["args"].items() if k not in ("rows", "seeds", "jobs", "out", "threads",
                                                                        "_json", "from_results")}
-            if settings is not None and mine != settings:
-                diff = sorted(k for k in mine.keys() | settings.keys() if mine.get(k) != settings.get(k))
+            diff = [] if settings is None else sorted(k for k in mine.keys() | settings.keys()
+                                                      if mine.get(k) != settings.get(k))
+            if diff:  # a setting absent from an older results.json counts as None (its default)
                 ap.error(f"{f} was run with other settings than {args.from_results[0]}: {diff}")
             settings = mine
             for seed, res in run["results"].items():
@@ -323,8 +509,10 @@ def main(argv=None) -> int:
     text += (f"\nwall time {minutes:.1f} min ({len(args.seeds)} process(es), {args.jobs or len(args.seeds)} at a time, "
              f"{args.threads} thread(s) each)")
     print(text)
-    (out / "results.json").write_text(json.dumps({"args": vars(args), "results": per_seed, "minutes": minutes,
-                                                  "table": text}, indent=2))
+    zero_shot = {"photos": sorted(zero_shot_photos(args.zero_shot_dir)), "sizes": zero_shot_sizes(args.image_size),
+                 "rule": "centre crop to a square of the short side, PIL bicubic resize to each size"}
+    (out / "results.json").write_text(json.dumps({"args": vars(args), "results": per_seed, "zero_shot": zero_shot,
+                                                  "minutes": minutes, "table": text}, indent=2))
     return 0
 
 

@@ -81,11 +81,78 @@ def test_group_use_finds_a_group_the_decoder_ignores():
     assert 0 < r["psnr"] < 60
 
 
+# ---- issue 21: zero-shot photos, the other domain, the SD-VAE-shaped row, the quantization error -------------------
 def _bench():
     spec = importlib.util.spec_from_file_location("bench_groups", ROOT / "bench" / "tokenizer_groups.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     return bench
+
+
+def test_zero_shot_photos_are_not_training_photos(tmp_path):
+    import numpy as np
+    from PIL import Image
+    from skimage import data
+
+    from tokenizer.data import SKIMAGE_PHOTOS
+
+    bench = _bench()
+    photos = bench.zero_shot_photos()
+    assert sorted(photos) == sorted(bench.ZERO_SHOT_PHOTOS) and not set(photos) & set(SKIMAGE_PHOTOS)
+    assert all(p.dtype == np.uint8 and p.ndim == 3 and p.shape[2] == 3 and min(p.shape[:2]) >= 256
+               for p in photos.values())
+    # what the check catches: a training name, a training photo under another name (skimage's cat IS chelsea), the
+    # other view of the training stereo pair, a mirrored training photo
+    with pytest.raises(ValueError, match=r"\['astronaut'\] are training photos"):
+        bench.check_not_training({"astronaut": data.astronaut()})
+    with pytest.raises(ValueError, match="near-duplicate of the training photo 'chelsea'"):
+        bench.check_not_training({"kitten": data.chelsea()})
+    with pytest.raises(ValueError, match="'stereo_motorcycle'"):
+        bench.check_not_training({"right_view": data.stereo_motorcycle()[1]})
+    with pytest.raises(ValueError, match="'coffee'"):
+        bench.check_not_training({"mirror": np.ascontiguousarray(data.coffee()[:, ::-1])})
+    # a folder source gets the same check
+    Image.fromarray(data.rocket()).save(tmp_path / "launch.png")
+    with pytest.raises(ValueError, match="'rocket'"):
+        bench.zero_shot_photos(str(tmp_path))
+    (tmp_path / "launch.png").unlink()
+    Image.fromarray(photos["retina"]).save(tmp_path / "eye.png")
+    assert list(bench.zero_shot_photos(str(tmp_path))) == ["eye"]
+    (tmp_path / "eye.png").unlink()
+    with pytest.raises(FileNotFoundError, match="no images"):
+        bench.zero_shot_photos(str(tmp_path))
+
+
+def test_zero_shot_sizes_and_square_crop():
+    import numpy as np
+
+    bench = _bench()
+    assert bench.zero_shot_sizes(32) == [32, 64, 128, 256] and bench.zero_shot_sizes(16) == [16, 32, 64, 128]
+    photo = np.zeros((20, 40, 3), np.uint8)
+    photo[:, 10:30] = 200  # the centre square; the sides are cut off
+    assert (bench.square(photo, 20) == 200).all()
+    assert (bench.square(photo.transpose(1, 0, 2), 20) == 200).all()
+    sets = bench.zero_shot_images({"a": photo, "b": photo[:, ::-1]}, [8, 16])
+    assert {s: x.shape for s, x in sets.items()} == {8: (2, 8, 8, 3), 16: (2, 16, 16, 3)}
+
+
+def test_quant_error_is_the_quantizers_own_distance():
+    import numpy as np
+    import torch
+
+    from tokenizer import MGVQTokenizer
+
+    bench = _bench()
+    torch.manual_seed(0)
+    tok = MGVQTokenizer.from_preset("mgvq-tiny", image_size=16).eval()
+    images = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    err = bench.quant_error(tok, images, batch=4)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        out = tok.quantize(tok.encode_latent(x))  # vq loss = mean over positions and the D dims of (q - z)^2
+    D = tok.config.latent_dim // tok.config.groups
+    assert len(err) == tok.config.groups and 0 < min(err) and max(err) <= 4
+    assert err == pytest.approx((out.vq_loss * D).tolist(), rel=1e-4)
 
 
 def test_sdvae_row_needs_four_width_levels(capsys):
@@ -95,3 +162,55 @@ def test_sdvae_row_needs_four_width_levels(capsys):
     assert "row sdvae-f8c4 needs f8: --widths must have at least 4 levels" in capsys.readouterr().err
     assert bench.row_widths("sdvae-f8c4", bench.rows(1024)["sdvae-f8c4"], [16, 32, 64, 64, 64]) == [16, 32, 64, 64]
     assert "sdvae-f8c4" in bench.DEFAULT_ROWS
+
+
+def test_zero_shot_other_domain_and_quant_error_in_results(tmp_path, capsys):
+    import math
+
+    from pipelines.fashion_mnist import DEBIAN_DIR
+    from tokenizer.model import TokenizerConfig
+
+    bench = _bench()
+    rows = ["single", "g4", "ae", "sdvae-f8c4"]
+    assert bench.main(["--seeds", "0", "--rows", *rows, "--steps", "2", "--batch-size", "4", "--num-crops", "16",
+                       "--eval-crops", "8", "--widths", "8", "8", "8", "32", "32", "--image-size", "16",
+                       "--threads", "1", "--out", str(tmp_path)]) == 0
+    run = json.loads((tmp_path / "results.json").read_text())
+    res = run["results"]["0"]
+    assert run["zero_shot"]["sizes"] == [16, 32, 64, 128]
+    assert run["zero_shot"]["photos"] == sorted(bench.ZERO_SHOT_PHOTOS)
+    fmnist = Path(DEBIAN_DIR).is_dir()
+    for name in rows:
+        r = res[name]
+        assert list(r["zero_shot"]) == ["16", "32", "64", "128"]
+        assert all(math.isfinite(v) and 3 < v < 60 for v in r["zero_shot"].values())
+        assert r["other_domain"]["name"] == "fashion-mnist"
+        if fmnist:
+            assert 3 < r["other_domain"]["psnr"] < 60 and r["other_domain"]["note"].startswith("8 test images")
+        else:
+            assert r["other_domain"]["psnr"] is None and r["other_domain"]["note"].startswith("skipped")
+    for name, groups in (("single", 1), ("g4", 4)):
+        q = res[name]["quant_error"]
+        assert 0 < q["held_out"] <= 4 and list(q["zero_shot"]) == ["16", "32", "64", "128"]
+        assert all(0 < v <= 4 for v in q["zero_shot"].values())
+        assert len(q["by_group"]["held_out"]) == groups and len(q["by_group"]["128"]) == groups
+        assert q["held_out"] == pytest.approx(sum(q["by_group"]["held_out"]) / groups)
+    assert res["ae"]["quant_error"] is None and res["sdvae-f8c4"]["quant_error"] is None
+    # the SD-VAE-shaped row: KL bottleneck, C=4, f8 (the first 4 width levels), next to the f16 rows
+    def config(row):
+        return TokenizerConfig.from_dict(json.loads((tmp_path / "seed0" / row / "final" / "config.json").read_text()))
+
+    cfg = config("sdvae-f8c4")
+    assert (cfg.quantizer, cfg.latent_dim, cfg.downsample, cfg.dcae["width_list"]) == ("kl", 4, 8, [8, 8, 8, 32])
+    assert config("single").downsample == 16
+    out = capsys.readouterr().out
+    assert "zs 16    zs 32    zs 64   zs 128  f-mnist   quant error:" in out
+    cells = next(ln for ln in out.split("quant error = ")[1].splitlines() if ln.startswith("g4 ")).split()
+    assert len(cells) == 13 and float(cells[2]) == pytest.approx(res["g4"]["zero_shot"]["16"], abs=0.006)
+    assert float(cells[8]) == pytest.approx(res["g4"]["quant_error"]["zero_shot"]["16"], abs=6e-5)
+    # an older results.json (no zero-shot keys) still prints, with "-" in the new columns
+    old = {k: v for k, v in res["ae"].items() if k not in ("zero_shot", "other_domain", "quant_error")}
+    (tmp_path / "old.json").write_text(json.dumps({**run, "results": {"0": {"ae": old}}}))
+    assert bench.main(["--from-results", str(tmp_path / "old.json"), "--rows", "ae"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1].split()
+    assert last[0] == "ae" and last[2:] == ["-"] * 11
