@@ -393,7 +393,8 @@ def transfer_table(args, per_seed: dict[int, dict], names: list[str]) -> list[st
     lines = [f"Zero-shot: {src} (none of them a training photo), centre square crop, PIL bicubic resize to "
              f"{' / '.join(sizes)} px (1x 2x 4x 8x the crop size); other domain: Fashion-MNIST "
              f"({'; '.join(sorted(notes)) or 'not measured'}); PSNR of the mean MSE, means over seeds",
-             "quant error = ||z - q(z)||^2 / ||z||^2 of the quantizer's (L2-normalised) input, mean over groups",
+             "quant error = ||z - q(z)||^2 / ||z||^2 of the quantizer's input (L2-normalised per group when l2_norm) "
+             "and its nearest code, mean over groups",
              f"{'row':<14} {'held-out':>8}  {head}  {'f-mnist':>7}   quant error: {'held-out':>8}  {head}  "
              f"{'f-mnist':>7}"]
     for n in names:
