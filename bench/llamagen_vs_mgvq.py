@@ -130,19 +130,27 @@ def prepare(out: Path, p: dict, data_dir: str | None):
 # ---- one seed: tokenizers, codes, generators, pipelines, the guidance sweep through `mgvq compare` -------------------
 def run_seed(out: Path, p: dict, seed: int, rows: list[str], data_dir: str | None,
              tokenizers_from: str | None = None) -> dict:
-    from generator import GPT
-    from pipelines import MGVQPipeline
-    from pipelines.classifier import classifier_fd, predict
-    from pipelines.compare import compare
-    from runtime.fingerprint import tokenizer_sha256
-    from tokenizer import MGVQTokenizer
-
+    """Everything for one seed -> <out>/seed<seed>/seed_results.json (and returned)."""
     data_path, (_, _, x_test, _, names), clf, _, ref = prepare(out, p, data_dir)
     sdir = out / f"seed{seed}"
-    _, real_feats = predict(clf, x_test)
     res = {"seed": seed, "tokenizers": {}, "rows": {}}
+    toks = train_tokenizers(sdir, p, seed, rows, data_path, x_test, clf, res, tokenizers_from)
+    pipes = train_generators(sdir, p, seed, rows, names, toks, res)
+    guidance_sweep(out, sdir, p, seed, pipes, ref, res)
+    (sdir / "seed_results.json").write_text(json.dumps(res, indent=2))
+    return res
+
+
+def train_tokenizers(sdir: Path, p: dict, seed: int, rows: list[str], data_path: Path, x_test, clf, res: dict,
+                     tokenizers_from: str | None) -> dict:
+    """Each tokenizer the rows need, once: train (or reuse), cache the codes, score PSNR and the reconstructions'
+    classifier FD on the test split -> res["tokenizers"]; returns {name: (tokenizer, folder, codes folder)}."""
+    from pipelines.classifier import classifier_fd, predict
+    from tokenizer import MGVQTokenizer
+
+    _, real_feats = predict(clf, x_test)
     toks = {}
-    for tname in dict.fromkeys(ROWS[r].tokenizer for r in rows):  # each tokenizer once, in row order
+    for tname in dict.fromkeys(ROWS[r].tokenizer for r in rows):  # in row order
         spec = TOKENIZERS[tname]
         tp = dict(p, tok_overrides={**p["tok_overrides"], **spec.overrides()})
         tfolder = (Path(tokenizers_from) / f"seed{seed}" if tokenizers_from else sdir) / tname
@@ -153,33 +161,50 @@ def run_seed(out: Path, p: dict, seed: int, rows: list[str], data_dir: str | Non
         m, recons = D.evaluate_tokenizer(tok, x_test[:p["tok_eval"]])
         _, recon_feats = predict(clf, recons[spec.groups])
         toks[tname] = (tok, tok_dir, codes_dir)
-        res["tokenizers"][tname] = {
+        t = res["tokenizers"][tname] = {
             "psnr": m["psnr"], "psnr_of_mean_mse": m["psnr_of_mean_mse"], "ssim": m["ssim"],
             "recon_fd": classifier_fd(real_feats, recon_feats), "codebook_usage": m["codebook_usage"],
             "psnr_by_groups_to_use": m["psnr_by_groups_to_use"], "params": tok.num_parameters(),
             "train_seconds": D.stage_seconds(tfolder / "tokenizer"), "cache_seconds": D.stage_seconds(codes_dir),
             **asdict(spec), "codebook_size": spec.codebook_size}
-        _log(f"seed {seed}: tokenizer {tname}: PSNR {m['psnr']:.2f} dB, recon FD {res['tokenizers'][tname]['recon_fd']:.2f}")
+        _log(f"seed {seed}: tokenizer {tname}: PSNR {t['psnr']:.2f} dB, recon FD {t['recon_fd']:.2f}")
+    return toks
+
+
+def train_generators(sdir: Path, p: dict, seed: int, rows: list[str], names: list[str], toks: dict,
+                     res: dict) -> dict[str, str]:
+    """Each row's GPT on its tokenizer's codes (same backbone, steps, batch, lr) and its pipeline folder ->
+    res["rows"]; returns {row: pipeline folder}."""
+    from generator import GPT
+    from pipelines import MGVQPipeline
+    from runtime.fingerprint import tokenizer_sha256
+
     pipes = {}
     for r in rows:
         spec = ROWS[r]
         tok, tok_dir, codes_dir = toks[spec.tokenizer]
-        rp = dict(p, gen_args=gen_args(spec, p["gen_args"]))
         rfolder = sdir / r
         _log(f"seed {seed}: generator {r} ({spec.input_mode} input, {spec.head} head)")
-        gen_dir = D.train_generator(rfolder, codes_dir, tok, rp, seed,
+        gen_dir = D.train_generator(rfolder, codes_dir, tok, dict(p, gen_args=gen_args(spec, p["gen_args"])), seed,
                                     codebook=str(tok_dir) if spec.input_mode == "projector" else None)
         gpt = GPT.from_pretrained(str(gen_dir))
-        pipe_dir = rfolder / "pipeline"
-        MGVQPipeline(tok, gpt, id2label=names, tokenizer_sha256=tokenizer_sha256(str(tok_dir))).save_pretrained(
-            str(pipe_dir))
-        pipes[r] = str(pipe_dir)
+        pipe = MGVQPipeline(tok, gpt, id2label=names, tokenizer_sha256=tokenizer_sha256(str(tok_dir)))
+        pipe.save_pretrained(str(rfolder / "pipeline"))
+        pipes[r] = str(rfolder / "pipeline")
         summary = json.loads((gen_dir / "train_summary.json").read_text())
         res["rows"][r] = {"params": gpt.num_parameters(), "train_seconds": D.stage_seconds(rfolder / "generator"),
                           "final_eval_loss": summary.get("final_eval_loss"), "tokenizer": spec.tokenizer,
                           "sweep": {}}
-    n = p["per_class"] * len(names)
-    sampling = {"temperature": p.get("sweep_temperature", 1.0), "top_k": p.get("sweep_top_k"), "top_p": None}
+    return pipes
+
+
+def guidance_sweep(out: Path, sdir: Path, p: dict, seed: int, pipes: dict[str, str], ref: Path, res: dict) -> None:
+    """`mgvq compare` of all rows at each guidance scale (same labels, seeds, sampler settings, classifier feature
+    net and reference) -> res["rows"][row]["sweep"][scale]."""
+    from pipelines.compare import compare
+
+    n = p["per_class"] * 10
+    sampling = {"temperature": p.get("sweep_temperature", 1.0), "top_k": p.get("sweep_top_k")}
     for s in p["guidance"]:
         _log(f"seed {seed}: mgvq compare, guidance {s}, {n} samples per row")
         table = compare(pipelines=pipes, out=str(sdir / "eval" / f"cfg{s:g}"), num_images=n,
@@ -188,8 +213,6 @@ def run_seed(out: Path, p: dict, seed: int, rows: list[str], data_dir: str | Non
                         **{k: v for k, v in sampling.items() if v is not None})
         for r, m in table["results"].items():
             res["rows"][r]["sweep"][f"{s:g}"] = m
-    (sdir / "seed_results.json").write_text(json.dumps(res, indent=2))
-    return res
 
 
 def real_floors(out: Path, p: dict, data_dir: str | None) -> dict:
