@@ -51,7 +51,7 @@ PROFILES: dict[str, dict] = {
         gen_args={"dim": 128, "n_layer": 3, "n_head": 4},
         # sampling: CFG 2.0 + top-k 16 + temperature 0.8: the lowest CFG whose samples reach >= 90% accuracy with this
         # generator (CFG 2.5 costs ~2x the FD for +1 point; bench/demo_heads.py, docs/results.md)
-        guidance_scale=2.0, top_k=16, temperature=0.8, eval_per_class=50, tok_eval=2000, grid_cols=10,
+        guidance_scale=2.0, top_k=16, temperature=0.8, eval_per_class=100, tok_eval=2000, grid_cols=10,
     ),
     "quick": dict(
         num_train=2000, num_test=500,

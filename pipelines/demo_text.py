@@ -43,7 +43,7 @@ TEMPLATES = ["a photo of a {}", "a {}", "a black and white picture of a {}", "an
 CAPTION_TOKENS = 32  # T5 tokens per caption (longest: 30); make_text_encoder checks that no caption is truncated
 # the text demo keeps the settings it was measured with (README): 20k captioned images, 1400 generator steps, CFG 4.0
 # (no top-k / temperature); the class demo's profile gives the rest (tokenizer, classifier, batch, lr, widths)
-TEXT_SETTINGS = {"default": dict(cache_limit=20000, gen_steps=1400, guidance_scale=4.0),
+TEXT_SETTINGS = {"default": dict(cache_limit=20000, gen_steps=1400, guidance_scale=4.0, eval_per_class=50),
                  "quick": {}}
 SPM_VOCAB = 120  # sentencepiece's cap; this small corpus yields about 80 pieces (many words split into letters)
 T5_SIZE = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
