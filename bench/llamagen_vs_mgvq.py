@@ -331,7 +331,7 @@ def plot(res: dict, rows: list[str], path: Path) -> None:
     ax[0].plot([real["accuracy"]], [real["fd"]], marker="*", ms=12, color="k", ls="none", label="real train images")
     ax[1].plot([real["recall"]], [real["precision"]], marker="*", ms=12, color="k", ls="none", label="real train images")
     ax[0].set(xlabel="conditional accuracy (demo classifier)", ylabel="classifier FD to real test (lower is better)",
-              yscale="log", title="FD vs accuracy over the guidance sweep (labels: CFG scale)")
+              title="FD vs accuracy over the guidance sweep (labels: CFG scale)", ylim=(0, None))
     ax[1].set(xlabel="recall", ylabel="precision", title="precision vs recall (k=3, classifier features)")
     for a in ax:
         a.grid(alpha=0.3)
@@ -362,6 +362,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--threads", type=int, help="torch threads per process (default: cores / jobs)")
     ap.add_argument("--jobs", type=int, default=1, help="run the seeds in this many processes")
+    ap.add_argument("--report-only", action="store_true",
+                    help="train and sample nothing: the tables and the plot from the seeds' seed_results.json in --out")
     ap.add_argument("--seed-only", action="store_true", help=argparse.SUPPRESS)  # a --jobs worker: one seed, no report
     return ap
 
@@ -398,7 +400,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     t0 = time.time()
     prepare(out, p, a.data_dir)  # once, before any worker starts (the classifier and the reference are shared)
-    if jobs > 1:
+    if a.report_only:
+        missing = [s for s in p["seeds"] if not (out / f"seed{s}" / "seed_results.json").is_file()]
+        if missing:
+            raise SystemExit(f"--report-only: no seed_results.json for seed(s) {missing} in {out}")
+        per_seed = [json.loads((out / f"seed{s}" / "seed_results.json").read_text()) for s in p["seeds"]]
+    elif jobs > 1:
         procs = []
         for seed in p["seeds"]:  # at most `jobs` at a time
             cmd = [sys.executable, __file__, *strip_flags(argv, ("--jobs", "--seeds", "--threads")),
@@ -421,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
             "threads": torch.get_num_threads(), "jobs": jobs, "tok_steps": p["tok_steps"], "gen_steps": p["gen_steps"],
             "gen_batch": p["gen_batch"], "gen_args": p["gen_args"], "cache_limit": p["cache_limit"],
             "real_images": real_floors(out, p, a.data_dir)}
+    old = out / "results.json"
+    if a.report_only and old.is_file():  # the run that made the seeds' results: its command and wall time
+        meta.update({k: json.loads(old.read_text())["meta"][k] for k in ("command", "wall_seconds", "jobs")})
     res = aggregate(per_seed, rows, p, meta)
     (out / "results.json").write_text(json.dumps(res, indent=2))
     md = markdown(res, rows, p)

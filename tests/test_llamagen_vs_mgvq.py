@@ -133,6 +133,14 @@ def test_quick_path_end_to_end(tmp_path):
     assert B.main(argv) == 0
     again = json.loads((out / "results.json").read_text())
     assert again["mgvq-g8-ar"]["sweep"] == res["mgvq-g8-ar"]["sweep"]
+    # the report alone, from the seeds' results: same numbers, the original command kept
+    (out / "fd_vs_accuracy.png").unlink()
+    assert B.main(argv + ["--report-only"]) == 0
+    rep = json.loads((out / "results.json").read_text())
+    assert rep["llamagen"]["sweep"] == res["llamagen"]["sweep"] and (out / "fd_vs_accuracy.png").is_file()
+    assert "--report-only" not in rep["meta"]["command"]
+    with pytest.raises(SystemExit, match="no seed_results.json for seed"):
+        B.main(argv + ["--report-only", "--seeds", "7"])
     # longer generators on the same tokenizers in a new folder; a tokenizer with other settings is refused, untouched
     longer = tmp_path / "longer"
     argv2 = [a if a != str(out) else str(longer) for a in argv]
