@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipelines import demo as D  # noqa: E402
 
 TOTAL_CODES = 1024  # codes per position summed over the sub-codebooks: equal in every row
+NUM_CLASSES = 10  # Fashion-MNIST
 
 
 @dataclass(frozen=True)
@@ -203,7 +204,7 @@ def guidance_sweep(out: Path, sdir: Path, p: dict, seed: int, pipes: dict[str, s
     net and reference) -> res["rows"][row]["sweep"][scale]."""
     from pipelines.compare import compare
 
-    n = p["per_class"] * 10
+    n = p["per_class"] * NUM_CLASSES
     sampling = {"temperature": p.get("sweep_temperature", 1.0), "top_k": p.get("sweep_top_k")}
     for s in p["guidance"]:
         _log(f"seed {seed}: mgvq compare, guidance {s}, {n} samples per row")
@@ -215,15 +216,14 @@ def guidance_sweep(out: Path, sdir: Path, p: dict, seed: int, pipes: dict[str, s
             res["rows"][r]["sweep"][f"{s:g}"] = m
 
 
-def real_floors(out: Path, p: dict, data_dir: str | None) -> dict:
+def real_floors(out: Path, p: dict, x_train, y_train, ref: Path) -> dict:
     """What real images score with the same evaluator and sample size: the first N training images (N = samples per
     row) against the test reference: FD, accuracy, classifier score, precision / recall (the targets a sampler can
     reach at best)."""
     from evaluation.sample import evaluate_samples
     from pipelines.classifier import ClassifierFeatures
 
-    _, (x_train, y_train, *_), _, _, ref = prepare(out, p, data_dir)
-    n = p["per_class"] * 10
+    n = p["per_class"] * NUM_CLASSES
     images = np.repeat(x_train[:n, ..., None], 3, axis=-1)
     m = evaluate_samples(images, ref, ClassifierFeatures.from_folder(str(out / "classifier")), cache_dir=out,
                          batch_size=500, labels=y_train[:n])
@@ -398,12 +398,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.seed_only:
         run_seed(out, p, p["seeds"][0], rows, a.data_dir, a.tokenizers_from)
         return 0
+    missing = [s for s in p["seeds"] if not (out / f"seed{s}" / "seed_results.json").is_file()]
+    if a.report_only and missing:
+        raise SystemExit(f"--report-only: no seed_results.json for seed(s) {missing} in {out}")
     t0 = time.time()
-    prepare(out, p, a.data_dir)  # once, before any worker starts (the classifier and the reference are shared)
+    # once, before any worker starts (the classifier and the reference are shared)
+    _, (x_train, y_train, *_), _, _, ref = prepare(out, p, a.data_dir)
     if a.report_only:
-        missing = [s for s in p["seeds"] if not (out / f"seed{s}" / "seed_results.json").is_file()]
-        if missing:
-            raise SystemExit(f"--report-only: no seed_results.json for seed(s) {missing} in {out}")
         per_seed = [json.loads((out / f"seed{s}" / "seed_results.json").read_text()) for s in p["seeds"]]
     elif jobs > 1:
         procs = []
@@ -423,11 +424,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         per_seed = [run_seed(out, p, s, rows, a.data_dir, a.tokenizers_from) for s in p["seeds"]]
     meta = {"profile": "quick" if a.quick else "default", "command": "python bench/llamagen_vs_mgvq.py "
-            + " ".join(argv), "samples_per_row": p["per_class"] * 10, "temperature": p["sweep_temperature"],
+            + " ".join(argv), "samples_per_row": p["per_class"] * NUM_CLASSES, "temperature": p["sweep_temperature"],
             "top_k": p["sweep_top_k"], "guidance": p["guidance"], "wall_seconds": time.time() - t0,
             "threads": torch.get_num_threads(), "jobs": jobs, "tok_steps": p["tok_steps"], "gen_steps": p["gen_steps"],
             "gen_batch": p["gen_batch"], "gen_args": p["gen_args"], "cache_limit": p["cache_limit"],
-            "real_images": real_floors(out, p, a.data_dir)}
+            "real_images": real_floors(out, p, x_train, y_train, ref)}
     old = out / "results.json"
     if a.report_only and old.is_file():  # the run that made the seeds' results: its command and wall time
         meta.update({k: json.loads(old.read_text())["meta"][k] for k in ("command", "wall_seconds", "jobs")})

@@ -136,10 +136,9 @@ class ClassifierFeatures:
         model, _ = load_classifier(path, device)
         return cls(model, os.path.join(path, WEIGHTS_NAME), device, batch_size)
 
-    @torch.no_grad()
     def __call__(self, batches, spatial: bool = False):
         if torch.is_tensor(batches):
-            batches = batches.split(self.batch_size)
+            batches = [batches]
         feats, logits = [], []
         for x in batches:
             if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:
@@ -147,10 +146,9 @@ class ClassifierFeatures:
             if tuple(x.shape[-2:]) != (self.model.config.image_size,) * 2:
                 raise ValueError(f"ClassifierFeatures: the classifier takes {self.model.config.image_size}px images, "
                                  f"got {tuple(x.shape[-2:])}; sample at that size (or --resize-to it)")
-            for xb in x.split(self.batch_size):
-                f = self.model.features(xb.to(self.device).float() / 255.0)
-                feats.append(f.double().cpu().numpy())
-                logits.append(self.model.head(f).double().cpu().numpy())
+            lg, f = predict(self.model, x, self.batch_size, self.device)
+            feats.append(f.double().numpy())
+            logits.append(lg.double().numpy())
         if not feats:
             raise ValueError("ClassifierFeatures: no images")
         out = (np.concatenate(feats), np.concatenate(logits))
