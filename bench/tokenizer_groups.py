@@ -107,11 +107,27 @@ def rows(total: int) -> dict[str, dict]:
                                  what="G=8 nested, one k per image (not per batch)"),
         "g8-nested-2x": dict(model=_mgvq(8, True, total), steps_mult=2.0, what="G=8 nested, 2x steps"),
         "g8-2x": dict(model=_mgvq(8, False, total), steps_mult=2.0, what="G=8 no masking, 2x steps"),
+        # why the VQ rows lose zero-shot (issue 21): each changes one thing about g8 (the mask-free G=8; g8-nol2 above
+        # is the l2-normalised-codes explanation); EXPLAIN_ROWS runs them
+        "g8-noreinit": dict(model=_mgvq(8, False, total, dead_code_reinit=False),
+                            what="G=8 no masking, no dead-code re-init"),
+        "g8-ema": dict(model=_mgvq(8, False, total, codebook_update="ema"),
+                       what="G=8 no masking, EMA codebook (decay .99)"),
+        "g8-beta1": dict(model=_mgvq(8, False, total, beta=1.0), what="G=8 no masking, commitment beta 1.0 (.25)"),
+        "g8-k4x": dict(model=_mgvq(8, False, 4 * total), what=f"G=8 no masking, 4x codes K={4 * total // 8}x8"),
+        "g8-grey": dict(model=_mgvq(8, False, total), data="grey",
+                        what=f"G=8 no masking, {GREY_FRACTION:.0%} of crops greyscale"),
+        "g8-diverse": dict(model=_mgvq(8, False, total), data="diverse", trains_on={"skimage9"},
+                           what="G=8 no masking, every offline photo, more scales"),
+        "g8-crop2x": dict(model=_mgvq(8, False, total), crop_mult=2,
+                          what="G=8 no masking, 2x crops (4x4 tokens), batch / 4"),
     }
     return r
 
 
 DEFAULT_ROWS = ["single", "ae", "g8", "g8-nested", "g8-nested+ft", "g4", "g4-nested", "kl", "sdvae-f8c4"]
+EXPLAIN_ROWS = ["g8-nol2", "g8-noreinit", "g8-ema", "g8-beta1", "g8-k4x", "g8-grey", "g8-diverse", "g8-crop2x"]
+GREY_FRACTION = 0.25  # row g8-grey: share of training crops turned greyscale (PIL "L", as the grey zero-shot photos)
 
 
 # ---- evaluation sets: held-out crops of the training photos, zero-shot photos, another domain ---------------------
@@ -151,21 +167,48 @@ def check_not_training(photos: dict[str, np.ndarray]) -> None:
                                      f"{train_name!r} (thumbnail correlation {float(t @ u):.2f} >= {NEAR_DUPLICATE})")
 
 
-def zero_shot_photos(folder: str | None = None) -> dict[str, np.ndarray]:
-    """name -> uint8 RGB photo, none of them a training photo: scikit-image's ZERO_SHOT_PHOTOS, or every image in
-    `folder` (e.g. foolbox's 20 ImageNet photos or opencv-doc's examples/data; neither is installed by the README)."""
+def zero_shot_photos(folder: str | None = None, pattern: str = "*") -> dict[str, np.ndarray]:
+    """name -> uint8 RGB photo, none of them a training photo: scikit-image's ZERO_SHOT_PHOTOS, or the images in
+    `folder` whose names match `pattern` (e.g. foolbox's ImageNet photos or opencv-doc's examples/data)."""
     if folder is None:
         from skimage import data
 
         photos = {n: np.asarray(Image.fromarray(getattr(data, n)()).convert("RGB")) for n in ZERO_SHOT_PHOTOS}
     else:
-        files = sorted(f for f in Path(folder).iterdir() if f.suffix.lower() in IMAGE_EXTS) if Path(
+        files = sorted(f for f in Path(folder).glob(pattern) if f.suffix.lower() in IMAGE_EXTS) if Path(
             folder).is_dir() else []
         if not files:
-            raise FileNotFoundError(f"--zero-shot-dir {folder}: no images ({', '.join(IMAGE_EXTS)}) in it")
+            raise FileNotFoundError(f"zero-shot folder {folder}: no images ({', '.join(IMAGE_EXTS)}) matching "
+                                    f"{pattern!r} in it")
         photos = {f.stem: np.asarray(load_rgb(f)) for f in files}
     check_not_training(photos)
     return photos
+
+
+def foolbox_data() -> Path | None:
+    """foolbox's bundled sample folder (20 ImageNet validation photos, 512 px colour, plus CIFAR / MNIST samples), found
+    without importing foolbox; None when it is not installed (pip install foolbox==3.3.4, in the dev extra)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("foolbox")
+    folder = Path(spec.origin).parent / "data" if spec and spec.origin else None
+    return folder if folder is not None and folder.is_dir() else None
+
+
+def zero_shot_sets(folder: str | None = None) -> tuple[dict[str, dict[str, np.ndarray]], list[str]]:
+    """(set name -> photos, notes). Default: "imagenet20" (foolbox's 20 ImageNet photos, colour; the first set, the
+    one a row's `zero_shot` reports) when foolbox is installed, then "skimage9" (ZERO_SHOT_PHOTOS, 8 of 9 grey);
+    `folder`: that folder alone, as set "dir"."""
+    if folder is not None:
+        return {"dir": zero_shot_photos(folder)}, []
+    sets, notes = {}, []
+    fb = foolbox_data()
+    if fb is not None:
+        sets["imagenet20"] = zero_shot_photos(str(fb), "imagenet_*")
+    else:
+        notes.append("imagenet20 skipped: foolbox is not installed (pip install foolbox==3.3.4)")
+    sets["skimage9"] = zero_shot_photos()
+    return sets, notes
 
 
 def zero_shot_sizes(image_size: int) -> list[int]:
@@ -228,29 +271,83 @@ def backbone(args, widths: list[int]) -> tuple[str, dict]:
                               "dcae.decoder_act": ["relu"] * (n - 1) + ["silu"]}
 
 
-def train_row(name: str, spec: dict, args, seed: int, out: Path) -> Path:
-    """Train one row with tokenizer.train; returns its save_pretrained folder."""
+def train_images(kind: str, n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A row's own training set (uint8 (n, S, S, 3), labels), drawn like the default skimage crops:
+    "grey"     the default crops, GREY_FRACTION of them (a seeded choice) turned greyscale with PIL's "L" -> RGB
+    "diverse"  every offline photo source except the imagenet20 zero-shot set: the 8 training photos, the 9
+               ZERO_SHOT_PHOTOS (so this row has no skimage9 column) and matplotlib's grace_hopper at 4 scales from
+               1/16 to 1/2 (whole photo ... the default crops' scale), 3/4 of the crops; foolbox's 40 CIFAR-10/100
+               samples (whole 32 px images) the other 1/4."""
+    if kind == "grey":
+        x, labels = skimage_crops(n, size, seed=seed)
+        pick = np.random.default_rng(seed + 7).random(n) < GREY_FRACTION
+        x[pick] = np.stack([np.asarray(Image.fromarray(a).convert("L").convert("RGB")) for a in x[pick]])
+        return x, labels
+    if kind == "diverse":
+        import matplotlib.cbook
+        from skimage import data
+
+        fb = foolbox_data()
+        if fb is None:
+            raise FileNotFoundError("row g8-diverse needs foolbox's CIFAR samples: pip install foolbox==3.3.4")
+        with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
+            hopper = np.asarray(load_rgb(f.read()))
+        photos = skimage_photos() + [np.asarray(Image.fromarray(getattr(data, k)()).convert("RGB"))
+                                     for k in ZERO_SHOT_PHOTOS] + [hopper]
+        cifar = [np.asarray(load_rgb(f)) for f in sorted(fb.glob("cifar*.png"))]
+        n1 = 3 * n // 4
+        x1, y1 = skimage_crops(n1, size, seed=seed, scales=(1 / 16, 1 / 2), photos=photos)
+        x2, y2 = skimage_crops(n - n1, size, seed=seed + 1, scales=(1.0, 1.0), photos=cifar)
+        return np.concatenate([x1, x2]), np.concatenate([y1, y2 + len(photos)])
+    raise ValueError(f"unknown training data {kind!r}; valid: grey, diverse")
+
+
+def write_train_data(kind: str, n: int, size: int, seed: int, folder: Path) -> str:
+    """train_images as a `datasets` folder (save_to_disk) that tokenizer.train reads like any user dataset."""
+    import datasets
+
+    if not (folder / "dataset_info.json").exists():
+        x, labels = train_images(kind, n, size, seed)
+        ds = datasets.Dataset.from_dict({"image": [Image.fromarray(a) for a in x], "label": labels.tolist()},
+                                        features=datasets.Features({"image": datasets.Image(),
+                                                                    "label": datasets.Value("int64")}))
+        ds.save_to_disk(str(folder))
+    return str(folder)
+
+
+def train_row(name: str, spec: dict, args, seed: int, out: Path) -> tuple[Path, bool]:
+    """Train one row with tokenizer.train -> (its save_pretrained folder, trained now). With args.reuse a row whose
+    final folder exists is loaded as it is (same settings assumed: delete the folder to retrain)."""
     steps = round(args.steps * spec.get("steps_mult", 1.0))
+    stages = spec.get("stages", 1)
+    final = out / name / "final"
+    if args.reuse and (final / "config.json").exists():
+        return final, False
+    crop = args.image_size * spec.get("crop_mult", 1)  # a row's own training crop size (evaluation stays the same)
+    batch = max(1, args.batch_size // spec.get("crop_mult", 1) ** 2)  # same pixels per step
     preset, arch = backbone(args, row_widths(name, spec, args.widths))
-    model = {**arch, "reinit_decay": args.reinit_decay, "image_size": args.image_size, **spec["model"]}
-    base = dict(model=preset, data="skimage", num_crops=args.num_crops, image_size=args.image_size,
-                batch_size=args.batch_size, lr=args.lr * spec.get("lr_mult", 1.0), lr_schedule=args.lr_schedule, precision="fp32", resume=None,
+    model = {**arch, "reinit_decay": args.reinit_decay, "image_size": crop, **spec["model"]}
+    base = dict(model=preset, data="skimage", num_crops=args.num_crops, image_size=crop,
+                batch_size=batch, lr=args.lr * spec.get("lr_mult", 1.0), lr_schedule=args.lr_schedule, precision="fp32", resume=None,
                 seed=seed, num_samples=0, log_every=50, log_with="none",
                 loss={"perceptual_weight": 0.0, "disc_weight": 0.0})
+    if "data" in spec:
+        base |= dict(data=write_train_data(spec["data"], args.num_crops, crop, seed, out / f"data-{spec['data']}-{args.num_crops}x{crop}"),
+                     augmentation="resize")
     for k, v in spec.get("train", {}).items():
         base[k] = base[k] | v if k == "loss" else v
-    if spec.get("stages", 1) == 1:
+    if stages == 1:
         run = out / name
         train(TrainConfig(**base, model_overrides=model, steps=steps, save_every=steps, sample_every=steps,
                           out_dir=str(run)))
-        return run / "final"
+        return final, True
     s1 = max(1, round(steps * (1 - args.ft_frac)))
     s2 = steps - s1
     run1, run2 = out / f"{name}.stage1", out / name
     train(TrainConfig(**base, model_overrides=model, steps=s1, save_every=s1, sample_every=s1, out_dir=str(run1)))
     train(TrainConfig(**base, init_from=str(run1 / "final"), model_overrides=spec["stage2"],
                       steps=s2, save_every=s2, sample_every=s2, out_dir=str(run2)))
-    return run2 / "final"
+    return final, True
 
 
 def _codec(tok: MGVQTokenizer) -> tuple:
@@ -297,19 +394,28 @@ def quant_error(tok: MGVQTokenizer, images: np.ndarray, batch: int = 32) -> list
     return (num / den).tolist()
 
 
-def transfer(tok: MGVQTokenizer, held: np.ndarray, zero_shot: dict[int, np.ndarray], other: np.ndarray | None,
-             other_note: str) -> dict:
-    """Zero-shot PSNR per size, the other domain's PSNR and, for a VQ row, the quantization error per set."""
-    r = {"zero_shot": {str(s): psnr(tok, x) for s, x in zero_shot.items()},
+def transfer(tok: MGVQTokenizer, held: np.ndarray, zero_shot: dict[str, dict[int, np.ndarray]],
+             other: np.ndarray | None, other_note: str, trains_on: set[str] = frozenset()) -> dict:
+    """Zero-shot PSNR per set and size (None for a set the row trains on), the other domain's PSNR and, for a VQ row,
+    the quantization error per set. `zero_shot` / `zero_shot_set`: the first set the row does not train on."""
+    sets = {n: (None if n in trains_on else {str(s): psnr(tok, x) for s, x in by_size.items()})
+            for n, by_size in zero_shot.items()}
+    primary = next((n for n, v in sets.items() if v is not None), None)
+    r = {"zero_shot": sets.get(primary), "zero_shot_set": primary, "zero_shot_sets": sets,
          "other_domain": {"name": "fashion-mnist", "psnr": None if other is None else psnr(tok, other),
                           "note": other_note},
          "quant_error": None}
     if tok.is_quantized:
-        by_group = {"held_out": quant_error(tok, held)} | {str(s): quant_error(tok, x) for s, x in zero_shot.items()}
+        by_group = {"held_out": quant_error(tok, held)}
+        for n, by_size in zero_shot.items():
+            if n not in trains_on:
+                by_group |= {f"{n}/{s}": quant_error(tok, x) for s, x in by_size.items()}
         if other is not None:
             by_group["other_domain"] = quant_error(tok, other)
         mean = {k: float(np.mean(v)) for k, v in by_group.items()}
-        r["quant_error"] = {"held_out": mean["held_out"], "zero_shot": {str(s): mean[str(s)] for s in zero_shot},
+        qsets = {n: (None if n in trains_on else {str(s): mean[f"{n}/{s}"] for s in by_size})
+                 for n, by_size in zero_shot.items()}
+        r["quant_error"] = {"held_out": mean["held_out"], "zero_shot": qsets.get(primary), "zero_shot_sets": qsets,
                             "other_domain": mean.get("other_domain"), "by_group": by_group}
     return r
 
@@ -318,7 +424,10 @@ def run_seed(args, seed: int) -> dict:
     torch.set_num_threads(args.threads)
     out = Path(args.out) / f"seed{seed}"
     images = held_out(args.eval_crops, args.image_size, seed)
-    zero_shot = zero_shot_images(zero_shot_photos(args.zero_shot_dir), zero_shot_sizes(args.image_size))
+    sets, notes = zero_shot_sets(args.zero_shot_dir)
+    for note in notes:
+        print(note, flush=True)
+    zero_shot = {n: zero_shot_images(photos, zero_shot_sizes(args.image_size)) for n, photos in sets.items()}
     other, other_note = other_domain(args.eval_crops, args.image_size, args.fashion_mnist_dir)
     if other is None:
         print(f"fashion-mnist column {other_note}", flush=True)
@@ -334,11 +443,13 @@ def run_seed(args, seed: int) -> dict:
     results = {}
     for name in args.rows:
         t0 = time.time()
-        folder = train_row(name, spec[name], args, seed, out)
+        folder, trained = train_row(name, spec[name], args, seed, out)
         tok = MGVQTokenizer.from_pretrained(str(folder))
         with torch.no_grad():
-            results[name] = (evaluate(tok, images, lpips_fn) | transfer(tok, images, zero_shot, other, other_note)
-                             | {"params": tok.num_parameters(), "seconds": time.time() - t0})
+            results[name] = (evaluate(tok, images, lpips_fn)
+                             | transfer(tok, images, zero_shot, other, other_note, spec[name].get("trains_on", set()))
+                             | {"params": tok.num_parameters(), "seconds": time.time() - t0 if trained else None,
+                                "reused": not trained})
         print(f"[seed {seed}] {name}: {json.dumps(results[name])}", flush=True)
     return results
 
@@ -374,35 +485,52 @@ def table(args, per_seed: dict[int, dict]) -> str:
 
 
 def transfer_table(args, per_seed: dict[int, dict], names: list[str]) -> list[str]:
-    """The zero-shot / other-domain PSNRs and quantization errors, means over seeds ("-": not measured)."""
+    """Per zero-shot set: the zero-shot / other-domain PSNRs and quantization errors, means over seeds ("-": not
+    measured, or a set the row trains on). Results from before the sets existed count as set "skimage9"."""
     seeds = sorted(per_seed)
     sizes = [str(s) for s in zero_shot_sizes(args.image_size)]
 
+    def get(r, path):
+        for k in path:
+            r = r.get(k) if isinstance(r, dict) else None
+        return r
+
     def mean(name, *path):
-        vals = []
-        for s in seeds:
-            v = per_seed[s][name]
-            for k in path:
-                v = v.get(k) if isinstance(v, dict) else None
-            vals.append(v)
+        vals = [get(per_seed[s][name], path) for s in seeds]
         return None if any(v is None for v in vals) else float(np.mean(vals))
 
-    src = args.zero_shot_dir or f"{len(ZERO_SHOT_PHOTOS)} scikit-image photos {', '.join(ZERO_SHOT_PHOTOS)}"
+    def sets_of(r):  # {set: {size: psnr}}, {set: {size: qe}} of one row, old results mapped to skimage9
+        if "zero_shot_sets" in r:
+            return r["zero_shot_sets"], get(r, ["quant_error", "zero_shot_sets"]) or {}
+        return {"skimage9": r.get("zero_shot")}, {"skimage9": get(r, ["quant_error", "zero_shot"])}
+
+    view = {s: {n: sets_of(per_seed[s][n]) for n in names} for s in seeds}
+
+    def set_mean(name, which, zs_set, size):  # which: 0 PSNR, 1 quant error
+        vals = [get(view[s][name][which], [zs_set, size]) for s in seeds]
+        return None if any(v is None for v in vals) else float(np.mean(vals))
+
+    set_names = list(dict.fromkeys(k for s in seeds for n in names for k in view[s][n][0]))
+    describe = {"imagenet20": "foolbox's 20 ImageNet validation photos (colour, 512 px)",
+                "skimage9": f"{len(ZERO_SHOT_PHOTOS)} scikit-image photos {', '.join(ZERO_SHOT_PHOTOS)} (8 grey)",
+                "dir": str(args.zero_shot_dir)}
     notes = {per_seed[s][n].get("other_domain", {}).get("note") for s in seeds for n in names} - {None}
     head = "  ".join(f"{'zs ' + z:>7}" for z in sizes)
-    lines = [f"Zero-shot: {src} (none of them a training photo), centre square crop, PIL bicubic resize to "
+    lines = [f"Zero-shot: none of the photos a training photo; centre square crop, PIL bicubic resize to "
              f"{' / '.join(sizes)} px (1x 2x 4x 8x the crop size); other domain: Fashion-MNIST "
              f"({'; '.join(sorted(notes)) or 'not measured'}); PSNR of the mean MSE, means over seeds",
              "quant error = ||z - q(z)||^2 / ||z||^2 of the quantizer's input (L2-normalised per group when l2_norm) "
-             "and its nearest code, mean over groups",
-             f"{'row':<14} {'held-out':>8}  {head}  {'f-mnist':>7}   quant error: {'held-out':>8}  {head}  "
-             f"{'f-mnist':>7}"]
-    for n in names:
-        zs = "  ".join(f"{_fmt(mean(n, 'zero_shot', z)):>7}" for z in sizes)
-        qe = "  ".join(f"{_fmt(mean(n, 'quant_error', 'zero_shot', z), '{:.4f}'):>7}" for z in sizes)
-        lines.append(f"{n:<14} {_fmt(mean(n, 'psnr')):>8}  {zs}  {_fmt(mean(n, 'other_domain', 'psnr')):>7}   "
-                     f"{'':12} {_fmt(mean(n, 'quant_error', 'held_out'), '{:.4f}'):>8}  {qe}  "
-                     f"{_fmt(mean(n, 'quant_error', 'other_domain'), '{:.4f}'):>7}")
+             "and its nearest code, mean over groups"]
+    for zs_set in set_names:
+        lines += [f"zero-shot set {zs_set}: {describe.get(zs_set, zs_set)}",
+                  f"{'row':<14} {'held-out':>8}  {head}  {'f-mnist':>7}   quant error: {'held-out':>8}  {head}  "
+                  f"{'f-mnist':>7}"]
+        for n in names:
+            zs = "  ".join(f"{_fmt(set_mean(n, 0, zs_set, z)):>7}" for z in sizes)
+            qe = "  ".join(f"{_fmt(set_mean(n, 1, zs_set, z), '{:.4f}'):>7}" for z in sizes)
+            lines.append(f"{n:<14} {_fmt(mean(n, 'psnr')):>8}  {zs}  {_fmt(mean(n, 'other_domain', 'psnr')):>7}   "
+                         f"{'':12} {_fmt(mean(n, 'quant_error', 'held_out'), '{:.4f}'):>8}  {qe}  "
+                         f"{_fmt(mean(n, 'quant_error', 'other_domain'), '{:.4f}'):>7}")
     return lines
 
 
@@ -427,7 +555,8 @@ def summary(args, per_seed: dict[int, dict]) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, help=f"rows to run (default {' '.join(DEFAULT_ROWS)})")
+    ap.add_argument("--rows", nargs="+", default=DEFAULT_ROWS,
+                    help=f"rows to run (default {' '.join(DEFAULT_ROWS)}; 'explain' = {' '.join(EXPLAIN_ROWS)})")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one process per seed, run in parallel")
     ap.add_argument("--jobs", type=int, default=0, help="seed processes at a time (default: all seeds at once)")
     ap.add_argument("--steps", type=int, default=2400)
@@ -451,6 +580,9 @@ def main(argv=None) -> int:
     ap.add_argument("--fashion-mnist-dir", default=None,
                     help="other-domain column: Fashion-MNIST IDX folder (default: the Debian package's folder or the "
                          "cache; nothing is downloaded, the column is skipped with a note when absent)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="load a row's <out>/seed<N>/<row>/final when it exists instead of training it again (same "
+                         "settings assumed): rescore earlier runs, e.g. on new zero-shot sets")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process (1 is fastest on shared cores)")
     ap.add_argument("--out", default="runs/bench-tokenizer-groups")
     ap.add_argument("--from-results", nargs="+", metavar="RESULTS_JSON",
@@ -458,6 +590,7 @@ def main(argv=None) -> int:
                          "and settings must come from runs with the same settings; --rows picks and orders rows)")
     ap.add_argument("--_json", help=argparse.SUPPRESS)  # internal: a child process writes its seed's results here
     args = ap.parse_args(argv)
+    args.rows = [r for name in args.rows for r in (EXPLAIN_ROWS if name == "explain" else [name])]
     unknown = sorted(set(args.rows) - set(rows(args.total_codes)))
     if unknown:
         ap.error(f"unknown rows {unknown}; valid: {sorted(rows(args.total_codes))}")
@@ -468,7 +601,7 @@ def main(argv=None) -> int:
         for f in args.from_results:
             run = json.loads(Path(f).read_text())
             mine = {k: v for k, v in run["args"].items() if k not in ("rows", "seeds", "jobs", "out", "threads",
-                                                                       "_json", "from_results")}
+                                                                       "_json", "from_results", "reuse")}
             diff = [] if settings is None else sorted(k for k in mine.keys() | settings.keys()
                                                       if mine.get(k) != settings.get(k))
             if diff:  # a setting absent from an older results.json counts as None (its default)
@@ -510,7 +643,9 @@ def main(argv=None) -> int:
     text += (f"\nwall time {minutes:.1f} min ({len(args.seeds)} process(es), {args.jobs or len(args.seeds)} at a time, "
              f"{args.threads} thread(s) each)")
     print(text)
-    zero_shot = {"photos": sorted(zero_shot_photos(args.zero_shot_dir)), "sizes": zero_shot_sizes(args.image_size),
+    sets, notes = zero_shot_sets(args.zero_shot_dir)
+    zero_shot = {"sets": {n: sorted(p) for n, p in sets.items()}, "notes": notes,
+                 "sizes": zero_shot_sizes(args.image_size),
                  "rule": "centre crop to a square of the short side, PIL bicubic resize to each size"}
     (out / "results.json").write_text(json.dumps({"args": vars(args), "results": per_seed, "zero_shot": zero_shot,
                                                   "minutes": minutes, "table": text}, indent=2))

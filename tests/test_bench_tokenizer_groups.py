@@ -178,12 +178,15 @@ def test_zero_shot_other_domain_and_quant_error_in_results(tmp_path, capsys):
     run = json.loads((tmp_path / "results.json").read_text())
     res = run["results"]["0"]
     assert run["zero_shot"]["sizes"] == [16, 32, 64, 128]
-    assert run["zero_shot"]["photos"] == sorted(bench.ZERO_SHOT_PHOTOS)
+    assert list(run["zero_shot"]["sets"]) == ["imagenet20", "skimage9"]  # foolbox comes with the dev extra
+    assert run["zero_shot"]["sets"]["skimage9"] == sorted(bench.ZERO_SHOT_PHOTOS)
+    assert len(run["zero_shot"]["sets"]["imagenet20"]) == 20
     fmnist = Path(DEBIAN_DIR).is_dir()
     for name in rows:
         r = res[name]
-        assert list(r["zero_shot"]) == ["16", "32", "64", "128"]
-        assert all(math.isfinite(v) and 3 < v < 60 for v in r["zero_shot"].values())
+        assert list(r["zero_shot"]) == ["16", "32", "64", "128"] and r["zero_shot_set"] == "imagenet20"
+        assert r["zero_shot"] == r["zero_shot_sets"]["imagenet20"] != r["zero_shot_sets"]["skimage9"]
+        assert all(math.isfinite(v) and 3 < v < 60 for zs in r["zero_shot_sets"].values() for v in zs.values())
         assert r["other_domain"]["name"] == "fashion-mnist"
         if fmnist:
             assert 3 < r["other_domain"]["psnr"] < 60 and r["other_domain"]["note"].startswith("8 test images")
@@ -193,7 +196,10 @@ def test_zero_shot_other_domain_and_quant_error_in_results(tmp_path, capsys):
         q = res[name]["quant_error"]
         assert 0 < q["held_out"] <= 4 and list(q["zero_shot"]) == ["16", "32", "64", "128"]
         assert all(0 < v <= 4 for v in q["zero_shot"].values())
-        assert len(q["by_group"]["held_out"]) == groups and len(q["by_group"]["128"]) == groups
+        assert q["zero_shot"] == q["zero_shot_sets"]["imagenet20"] and list(q["zero_shot_sets"]) == list(
+            run["zero_shot"]["sets"])
+        assert len(q["by_group"]["held_out"]) == groups and len(q["by_group"]["skimage9/128"]) == groups
+        assert q["zero_shot_sets"]["skimage9"]["128"] == pytest.approx(sum(q["by_group"]["skimage9/128"]) / groups)
         assert q["held_out"] == pytest.approx(sum(q["by_group"]["held_out"]) / groups)
     assert res["ae"]["quant_error"] is None and res["sdvae-f8c4"]["quant_error"] is None
     # the SD-VAE-shaped row: KL bottleneck, C=4, f8 (the first 4 width levels), next to the f16 rows
@@ -205,12 +211,56 @@ def test_zero_shot_other_domain_and_quant_error_in_results(tmp_path, capsys):
     assert config("single").downsample == 16
     out = capsys.readouterr().out
     assert "zs 16    zs 32    zs 64   zs 128  f-mnist   quant error:" in out
+    assert out.index("zero-shot set imagenet20") < out.index("zero-shot set skimage9")
     cells = next(ln for ln in out.split("quant error = ")[1].splitlines() if ln.startswith("g4 ")).split()
     assert len(cells) == 13 and float(cells[2]) == pytest.approx(res["g4"]["zero_shot"]["16"], abs=0.006)
     assert float(cells[8]) == pytest.approx(res["g4"]["quant_error"]["zero_shot"]["16"], abs=6e-5)
     # an older results.json (no zero-shot keys) still prints, with "-" in the new columns
-    old = {k: v for k, v in res["ae"].items() if k not in ("zero_shot", "other_domain", "quant_error")}
+    old = {k: v for k, v in res["ae"].items()
+           if k not in ("zero_shot", "zero_shot_set", "zero_shot_sets", "other_domain", "quant_error")}
     (tmp_path / "old.json").write_text(json.dumps({**run, "results": {"0": {"ae": old}}}))
     assert bench.main(["--from-results", str(tmp_path / "old.json"), "--rows", "ae"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1].split()
     assert last[0] == "ae" and last[2:] == ["-"] * 11
+
+
+def test_explanation_rows_data_reuse_and_sets_a_row_trains_on(tmp_path, capsys):
+    import numpy as np
+
+    bench = _bench()
+    # the explanation rows each change one thing about g8
+    spec = bench.rows(1024)
+    for name in bench.EXPLAIN_ROWS:
+        diff = {k: v for k, v in spec[name]["model"].items() if spec["g8"]["model"].get(k) != v}
+        extra = {k for k in spec[name] if k not in ("model", "what")}
+        assert len(diff) + len(extra - {"trains_on"}) == 1, (name, diff, extra)
+    # its own training data: a quarter of the crops grey, the rest the default crops unchanged
+    x, _ = bench.train_images("grey", 400, 16, seed=0)
+    ref, _ = bench.skimage_crops(400, 16, seed=0)
+    grey = (x[..., 0] == x[..., 1]).all((1, 2)) & (x[..., 1] == x[..., 2]).all((1, 2))
+    assert 0.18 < grey.mean() < 0.32 and (x[~grey] == ref[~grey]).all()
+    x, labels = bench.train_images("diverse", 64, 16, seed=0)
+    assert x.shape == (64, 16, 16, 3) and labels.max() >= 18  # CIFAR samples after the 18 photos
+    with pytest.raises(ValueError, match="valid: grey, diverse"):
+        bench.train_images("noisy", 4, 16, seed=0)
+    args = ["--seeds", "0", "--rows", "g8-diverse", "g8-crop2x", "--steps", "2", "--batch-size", "4",
+            "--num-crops", "16", "--eval-crops", "4", "--widths", "8", "8", "32", "--image-size", "16",
+            "--out", str(tmp_path)]
+    assert bench.main(args) == 0
+    res = json.loads((tmp_path / "results.json").read_text())["results"]["0"]
+    d = res["g8-diverse"]
+    assert d["zero_shot_sets"]["skimage9"] is None and d["quant_error"]["zero_shot_sets"]["skimage9"] is None
+    assert d["zero_shot_set"] == "imagenet20" and not any(k.startswith("skimage9/") for k in d["quant_error"]["by_group"])
+    cfg = json.loads((tmp_path / "seed0" / "g8-crop2x" / "final" / "config.json").read_text())
+    assert cfg["image_size"] == 32 and not res["g8-crop2x"]["reused"]
+    assert (tmp_path / "seed0" / "data-diverse-16x16" / "dataset_info.json").exists()
+    # --reuse: rescored, not retrained (same weights -> same held-out PSNR)
+    capsys.readouterr()
+    assert bench.main(args + ["--reuse"]) == 0
+    again = json.loads((tmp_path / "results.json").read_text())["results"]["0"]
+    assert again["g8-crop2x"]["reused"] and again["g8-crop2x"]["seconds"] is None
+    assert again["g8-crop2x"]["psnr"] == res["g8-crop2x"]["psnr"]
+    assert "tokenizer mgvq-dcae-tiny" not in capsys.readouterr().out  # nothing trained
+    assert bench.main(["--from-results", str(tmp_path / "results.json"), "--rows", "g8-diverse"]) == 0
+    block = capsys.readouterr().out.split("zero-shot set skimage9")[1].splitlines()[2].split()
+    assert block[0] == "g8-diverse" and block[2:6] == ["-"] * 4

@@ -313,3 +313,57 @@ def test_per_sample_nested_masking_zeroes_each_images_suffix_and_averages_losses
         MGVQTokenizer.from_preset("mgvq-tiny", nested_mask_per="image")
     tok = MGVQTokenizer.from_preset("mgvq-tiny", nested_mask_per="sample")
     assert tok.quantize.mask_per == "sample"
+
+
+def test_ema_codebook_moves_codes_to_cluster_means_without_gradient():
+    torch.manual_seed(0)
+    G, K, C, decay = 2, 4, 4, 0.5
+    q = MultiGroupQuantizer(C, G, K, l2_norm=False, codebook_update="ema", ema_decay=decay).train()
+    w0 = torch.tensor([[1.0, 0], [0, 1], [-1, 0], [0, -1]]).repeat(G, 1)  # (G*K, D=2)
+    q.embedding.weight.data.copy_(w0)
+    q.ema_sum.copy_(w0.view(G, K, 2))
+    # group 0: two features near code 0, one near code 1; group 1: all three near code 2
+    f0 = torch.tensor([[2.0, 0.2], [1.0, -0.2], [0.1, 3.0]])
+    f1 = torch.tensor([[-2.0, 0.0], [-1.0, 0.4], [-3.0, -0.4]])
+    z = torch.cat([f0, f1], dim=1).T.reshape(1, C, 1, 3).requires_grad_(True)  # 3 positions
+    out = q(z, keep_groups=G)
+    assert out.indices[0, 0].tolist() == [[0, 2], [0, 2], [1, 2]]
+    assert not q.embedding.weight.requires_grad and (out.vq_loss == 0).all()
+    out.commit_loss.sum().backward()  # the commitment term still trains the encoder
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    # hand-computed: count_k = 0.5 * 1 + 0.5 * n_k, sum_k = 0.5 * w0_k + 0.5 * (sum of its features);
+    # code = sum / Laplace-smoothed count (total count preserved: 4 * 1 -> 0.5 * 4 + 0.5 * 3 = 3.5)
+    counts = torch.tensor([[2.0, 1, 0, 0], [0, 0, 3, 0]])
+    sums = torch.zeros(G, K, 2)
+    sums[0, 0], sums[0, 1], sums[1, 2] = f0[:2].sum(0), f0[2], f1.sum(0)
+    ema_count = 0.5 + 0.5 * counts
+    ema_sum = 0.5 * w0.view(G, K, 2) + 0.5 * sums
+    n = ema_count.sum(-1, keepdim=True)
+    cluster = (ema_count + 1e-5) / (n + K * 1e-5) * n
+    torch.testing.assert_close(q.ema_count, ema_count)
+    torch.testing.assert_close(q.embedding.weight.view(G, K, 2), ema_sum / cluster[..., None])
+    # a code nobody picked keeps its place (up to the smoothing)
+    torch.testing.assert_close(q.embedding.weight.view(G, K, 2)[0, 3], w0[3], atol=1e-4, rtol=0)
+    # eval mode: no update
+    w = q.embedding.weight.clone()
+    q.eval()(z.detach())
+    assert torch.equal(q.embedding.weight, w)
+
+
+def test_ema_codebook_state_dict_and_bad_arguments():
+    assert "ema_sum" not in MultiGroupQuantizer(8, 2, 4).state_dict()  # released checkpoints' keys unchanged
+    assert {"ema_sum", "ema_count"} <= set(MultiGroupQuantizer(8, 2, 4, codebook_update="ema").state_dict())
+    with pytest.raises(ValueError, match="codebook_update must be one of"):
+        MultiGroupQuantizer(8, 2, 4, codebook_update="kmeans")
+    with pytest.raises(ValueError, match="ema_decay"):
+        MultiGroupQuantizer(8, 2, 4, codebook_update="ema", ema_decay=1.0)
+
+
+def test_ema_codebook_with_reinit_keeps_sums_consistent():
+    torch.manual_seed(0)
+    q = MultiGroupQuantizer(8, 2, 16, codebook_update="ema", dead_code_reinit=True).train()
+    for _ in range(3):
+        q(torch.randn(4, 8, 3, 3))
+    w = q.embedding.weight.view(2, 16, 4)
+    n = q.ema_count.sum(-1, keepdim=True)
+    torch.testing.assert_close(q.ema_sum / ((q.ema_count + 1e-5) / (n + 16e-5) * n)[..., None], w)

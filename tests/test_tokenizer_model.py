@@ -168,3 +168,19 @@ def test_bad_configs_raise():
         TokenizerConfig(image_size=100)
     with pytest.raises(ValueError, match="multiples of 4"):
         _tiny().encode(torch.zeros(1, 3, 30, 32))
+
+
+def test_ema_codebook_through_the_config_and_a_save_load_round_trip(tmp_path):
+    with pytest.raises(ValueError, match="codebook_update must be one of"):
+        MGVQTokenizer.from_preset("mgvq-tiny", codebook_update="kmeans")
+    torch.manual_seed(0)
+    tok = MGVQTokenizer.from_preset("mgvq-tiny", image_size=16, codebook_update="ema", ema_decay=0.9).train()
+    w0 = tok.quantize.embedding.weight.detach().clone()
+    out = tok(torch.rand(4, 3, 16, 16) * 2 - 1)
+    (out.recon.pow(2).mean() + out.commit_loss.sum()).backward()
+    assert tok.quantize.embedding.weight.grad is None and not torch.equal(tok.quantize.embedding.weight, w0)
+    tok.save_pretrained(str(tmp_path))
+    back = MGVQTokenizer.from_pretrained(str(tmp_path))
+    assert back.config.codebook_update == "ema" and back.config.ema_decay == 0.9
+    assert torch.equal(back.quantize.ema_sum, tok.quantize.ema_sum)
+    assert torch.equal(back.quantize.embedding.weight, tok.quantize.embedding.weight)

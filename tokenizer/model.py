@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from runtime.hub import MGVQHubMixin, load_safetensors, read_json, resolve_folder
-from tokenizer.quantizer import MASK_PER, MultiGroupQuantizer, check_keep_probs, default_keep_probs
+from tokenizer.quantizer import CODEBOOK_UPDATES, MASK_PER, MultiGroupQuantizer, check_keep_probs, default_keep_probs
 from tokenizer.vqgan import Decoder, Encoder, VQGANConfig
 
 BACKBONES = ("vqgan", "dcae")
@@ -51,6 +51,8 @@ class TokenizerConfig:
     usage_window: int = 65536
     dead_code_reinit: bool = False
     reinit_decay: float = 0.01
+    codebook_update: str = "grad"  # "grad": the vq loss trains the codes (released) | "ema": EMA cluster means
+    ema_decay: float = 0.99  # codebook_update="ema" only
     image_size: int = 256  # default training / evaluation resolution
 
     def __post_init__(self):
@@ -81,6 +83,10 @@ class TokenizerConfig:
             raise ValueError(f"usage_window must be >= 1, got {self.usage_window}")
         if not 0.0 < self.reinit_decay < 1.0:
             raise ValueError(f"reinit_decay must be in (0, 1), got {self.reinit_decay}")
+        if self.codebook_update not in CODEBOOK_UPDATES:
+            raise ValueError(f"codebook_update must be one of {CODEBOOK_UPDATES}, got {self.codebook_update!r}")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
         if self.image_size < 1:
             raise ValueError(f"image_size must be >= 1, got {self.image_size}")
         if self.nested_keep_probs == "default":
@@ -193,7 +199,7 @@ class MGVQTokenizer(nn.Module, MGVQHubMixin, tags=["image-tokenizer", "vector-qu
         if cfg.quantizer == "vq":
             self.quantize = MultiGroupQuantizer(C, G, cfg.codebook_size, cfg.beta, cfg.l2_norm, cfg.usage_window,
                                                 cfg.dead_code_reinit, cfg.reinit_decay, cfg.nested_keep_probs,
-                                                cfg.nested_mask_per)
+                                                cfg.nested_mask_per, cfg.codebook_update, cfg.ema_decay)
 
     @property
     def is_quantized(self) -> bool:

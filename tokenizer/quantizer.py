@@ -11,6 +11,11 @@ the released MGVQ stores them, so its `quantize.embedding.weight` loads unchange
 - Optional CVQ-style dead-code anchor re-init (every training step, as the released code): rarely used codes are pulled
   to batch features sampled near them. Under torch.distributed it all-reduces the usage counts and draws from the union
   of all ranks' features with shared randomness, so the codebook stays identical on every rank.
+- codebook_update="ema" (VQ-VAE-2's codebook learning, not in the released code): codes are the exponential moving
+  average of the (normalised, when l2_norm) latents assigned to them (decay ema_decay, Laplace-smoothed counts), the
+  embedding gets no gradient and vq_loss is 0; only the commitment term trains the encoder. Counts start at 1 and sums
+  at the initial codes, so a code nobody picks stays where it is. Under torch.distributed the counts and sums are
+  all-reduced. With dead-code re-init the EMA sums follow the re-initialised codes.
 - Nested (prefix) masking, training only: one k ~ keep_probs per batch keeps groups [0, k); the trailing sub-tokens are
   zeroed, get no loss and no index. NOTE: the released code only ever masks groups 1..3 (its probability list has length
   4, and is all zeros in the released "second stage" setting); here the schedule covers any G (`default_keep_probs`).
@@ -29,6 +34,7 @@ import torch.nn.functional as F
 
 
 MASK_PER = ("batch", "sample")  # nested masking: one k per batch (released MGVQ) or one k per image
+CODEBOOK_UPDATES = ("grad", "ema")  # codebook learnt by the vq loss's gradient (released) or as EMA cluster means
 
 
 def default_keep_probs(groups: int) -> list[float]:
@@ -68,8 +74,13 @@ class QuantizerOutput:
 class MultiGroupQuantizer(nn.Module):
     def __init__(self, dim: int, groups: int = 1, codebook_size: int = 16384, beta: float = 0.25, l2_norm: bool = True,
                  usage_window: int = 65536, dead_code_reinit: bool = False, reinit_decay: float = 0.01,
-                 keep_probs: Sequence[float] | None = None, mask_per: str = "batch"):
+                 keep_probs: Sequence[float] | None = None, mask_per: str = "batch", codebook_update: str = "grad",
+                 ema_decay: float = 0.99):
         super().__init__()
+        if codebook_update not in CODEBOOK_UPDATES:
+            raise ValueError(f"codebook_update must be one of {CODEBOOK_UPDATES}, got {codebook_update!r}")
+        if not 0.0 < ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), got {ema_decay}")
         if mask_per not in MASK_PER:
             raise ValueError(f"mask_per must be one of {MASK_PER}, got {mask_per!r}")
         if groups < 1 or dim % groups != 0:
@@ -86,6 +97,7 @@ class MultiGroupQuantizer(nn.Module):
         self.dead_code_reinit, self.reinit_decay = dead_code_reinit, reinit_decay
         self.keep_probs = None if keep_probs is None else check_keep_probs(keep_probs, groups)
         self.mask_per = mask_per
+        self.codebook_update, self.ema_decay = codebook_update, ema_decay
 
         n = groups * codebook_size
         self.embedding = nn.Embedding(n, self.group_dim)  # group g owns rows [g*K, (g+1)*K)
@@ -93,6 +105,11 @@ class MultiGroupQuantizer(nn.Module):
         if l2_norm:
             self.embedding.weight.data = F.normalize(self.embedding.weight.data, dim=-1)
         self.register_buffer("embed_prob", torch.zeros(groups, codebook_size))  # EMA of usage
+        if codebook_update == "ema":  # only then: released checkpoints keep their state-dict keys
+            self.embedding.weight.requires_grad_(False)
+            self.register_buffer("ema_count", torch.ones(groups, codebook_size))  # (G, K) smoothed cluster sizes
+            self.register_buffer("ema_sum", self.embedding.weight.data.clone().view(groups, codebook_size,
+                                                                                     self.group_dim))  # (G, K, D)
         self.register_buffer("codebook_used", torch.full((groups, usage_window), -1, dtype=torch.long))
         self.register_buffer("_window_pos", torch.zeros(groups, dtype=torch.long), persistent=False)  # ring position
 
@@ -194,8 +211,9 @@ class MultiGroupQuantizer(nn.Module):
             kept = torch.arange(G, device=z.device)[:, None] < kb[None]  # (G, B)
             sample_mask = kept[:, :, None].expand(G, B, h * w).reshape(G, B * h * w).float()
         reinit = self.training and self.dead_code_reinit
+        ema = self.training and self.codebook_update == "ema"
         weight = self.embedding.weight
-        if reinit:  # re-init writes the weight in place after this forward; keep autograd's saved copy intact
+        if reinit or ema:  # re-init / EMA write the weight in place after this forward; keep autograd's copy intact
             weight = weight.clone()
 
         zg = self._split(z)[:k]  # (k, N, D)
@@ -204,6 +222,8 @@ class MultiGroupQuantizer(nn.Module):
         idx = scores.argmax(-1)  # (k, N)
         zq = torch.gather(codes, 1, idx.unsqueeze(-1).expand(-1, -1, D))  # (k, N, D)
 
+        if ema:  # the codes are not trained by a loss: keep only the commitment term
+            zq = zq.detach()
         if sample_mask is None:
             vq = (zq - zg.detach()).pow(2).mean(dim=(1, 2))  # (k,)
             commit = self.beta * (zq.detach() - zg).pow(2).mean(dim=(1, 2))  # (k,)
@@ -228,19 +248,46 @@ class MultiGroupQuantizer(nn.Module):
             perplexity = torch.cat([perplexity, perplexity.new_zeros(G - k)])
             if self.training:
                 self._push_used(idx)
+                if ema:
+                    self._ema_update(zg.detach(), idx, None if sample_mask is None else sample_mask[:k], distributed)
                 if reinit:  # never copy non-finite features into the codebook (the step will be skipped anyway)
                     finite = torch.isfinite(zg).all().float()
                     if distributed:  # every rank must agree: _reinit runs collectives
                         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
                     if finite.item() == 1.0:
                         self._reinit(zg.detach(), scores, p, distributed)
+                        if ema:  # the EMA sums follow the re-initialised codes (cluster sizes kept)
+                            self.ema_sum[:k] = self.codebook()[:k] * self._ema_cluster()[:k, :, None]
             used = self._used_mask().float()  # (G, K)
             if distributed:  # every rank reports the union of the ranks' windows
                 dist.all_reduce(used, op=dist.ReduceOp.MAX)
             usage = used.mean(-1)
 
+        if ema:
+            vq = torch.zeros_like(vq)  # reported as 0: the codebook has no loss of its own
         indices = idx.t().reshape(B, h, w, k)
         return QuantizerOutput(self._merge(zq, B, h, w), indices, vq, commit, k, usage, perplexity)
+
+    def _ema_cluster(self) -> torch.Tensor:
+        """(G, K) Laplace-smoothed cluster sizes (sum preserved), so that no code divides by ~0."""
+        n = self.ema_count.sum(-1, keepdim=True)
+        return (self.ema_count + 1e-5) / (n + self.codebook_size * 1e-5) * n
+
+    def _ema_update(self, zg: torch.Tensor, idx: torch.Tensor, mask: torch.Tensor | None, distributed: bool) -> None:
+        """codes of the first k groups <- EMA of the features assigned to them. zg (k, N, D), idx (k, N), mask (k, N)
+        (1 where a sub-token is kept, mask_per="sample") or None."""
+        k, N, D = zg.shape
+        w = torch.ones_like(idx, dtype=zg.dtype) if mask is None else mask.to(zg.dtype)  # (k, N)
+        counts = torch.zeros(k, self.codebook_size, device=zg.device, dtype=zg.dtype).scatter_add_(1, idx, w)
+        sums = torch.zeros(k, self.codebook_size, D, device=zg.device, dtype=zg.dtype).scatter_add_(
+            1, idx[..., None].expand(-1, -1, D), zg * w[..., None])  # (k, K, D)
+        if distributed:
+            dist.all_reduce(counts)
+            dist.all_reduce(sums)
+        self.ema_count[:k].lerp_(counts, 1 - self.ema_decay)
+        self.ema_sum[:k].lerp_(sums, 1 - self.ema_decay)
+        codes = self.ema_sum[:k] / self._ema_cluster()[:k, :, None]  # (k, K, D)
+        self.embedding.weight.data.view(self.groups, self.codebook_size, D)[:k] = codes
 
     def _used_mask(self) -> torch.Tensor:
         """(G, K) bool: code seen in the sliding window."""
