@@ -394,14 +394,27 @@ def quant_error(tok: MGVQTokenizer, images: np.ndarray, batch: int = 32) -> list
     return (num / den).tolist()
 
 
+def tiles(images: np.ndarray, tile: int) -> np.ndarray:
+    """(n, S, S, 3) -> (n * (S / tile)^2, tile, tile, 3): the images cut into a grid of tile x tile pieces."""
+    n, S = images.shape[:2]
+    k = S // tile
+    return images.reshape(n, k, tile, k, tile, 3).transpose(0, 1, 3, 2, 4, 5).reshape(n * k * k, tile, tile, 3)
+
+
 def transfer(tok: MGVQTokenizer, held: np.ndarray, zero_shot: dict[str, dict[int, np.ndarray]],
              other: np.ndarray | None, other_note: str, trains_on: set[str] = frozenset()) -> dict:
-    """Zero-shot PSNR per set and size (None for a set the row trains on), the other domain's PSNR and, for a VQ row,
-    the quantization error per set. `zero_shot` / `zero_shot_set`: the first set the row does not train on."""
+    """Zero-shot PSNR per set and size (None for a set the row trains on), the same images coded in independent
+    tiles of the training crop size (`zero_shot_tiled_sets`: the PSNR of the stitched image; what a larger image
+    costs beyond its content), the other domain's PSNR and, for a VQ row, the quantization error per set.
+    `zero_shot` / `zero_shot_set`: the first set the row does not train on."""
+    crop = held.shape[1]
     sets = {n: (None if n in trains_on else {str(s): psnr(tok, x) for s, x in by_size.items()})
             for n, by_size in zero_shot.items()}
+    tiled = {n: (None if n in trains_on else {str(s): psnr(tok, tiles(x, crop)) for s, x in by_size.items()})
+             for n, by_size in zero_shot.items()}
     primary = next((n for n, v in sets.items() if v is not None), None)
     r = {"zero_shot": sets.get(primary), "zero_shot_set": primary, "zero_shot_sets": sets,
+         "zero_shot_tiled_sets": tiled,
          "other_domain": {"name": "fashion-mnist", "psnr": None if other is None else psnr(tok, other),
                           "note": other_note},
          "quant_error": None}
@@ -499,14 +512,15 @@ def transfer_table(args, per_seed: dict[int, dict], names: list[str]) -> list[st
         vals = [get(per_seed[s][name], path) for s in seeds]
         return None if any(v is None for v in vals) else float(np.mean(vals))
 
-    def sets_of(r):  # {set: {size: psnr}}, {set: {size: qe}} of one row, old results mapped to skimage9
+    def sets_of(r):  # {set: {size: psnr}}, {set: {size: qe}}, {set: {size: tiled psnr}}; old results -> skimage9
         if "zero_shot_sets" in r:
-            return r["zero_shot_sets"], get(r, ["quant_error", "zero_shot_sets"]) or {}
-        return {"skimage9": r.get("zero_shot")}, {"skimage9": get(r, ["quant_error", "zero_shot"])}
+            return r["zero_shot_sets"], get(r, ["quant_error", "zero_shot_sets"]) or {}, r.get(
+                "zero_shot_tiled_sets") or {}
+        return {"skimage9": r.get("zero_shot")}, {"skimage9": get(r, ["quant_error", "zero_shot"])}, {}
 
     view = {s: {n: sets_of(per_seed[s][n]) for n in names} for s in seeds}
 
-    def set_mean(name, which, zs_set, size):  # which: 0 PSNR, 1 quant error
+    def set_mean(name, which, zs_set, size):  # which: 0 PSNR, 1 quant error, 2 PSNR coded in tiles
         vals = [get(view[s][name][which], [zs_set, size]) for s in seeds]
         return None if any(v is None for v in vals) else float(np.mean(vals))
 
@@ -531,6 +545,11 @@ def transfer_table(args, per_seed: dict[int, dict], names: list[str]) -> list[st
             lines.append(f"{n:<14} {_fmt(mean(n, 'psnr')):>8}  {zs}  {_fmt(mean(n, 'other_domain', 'psnr')):>7}   "
                          f"{'':12} {_fmt(mean(n, 'quant_error', 'held_out'), '{:.4f}'):>8}  {qe}  "
                          f"{_fmt(mean(n, 'quant_error', 'other_domain'), '{:.4f}'):>7}")
+    for zs_set in set_names:
+        lines += [f"zero-shot set {zs_set} coded in independent {sizes[0]} px tiles (the PSNR of the stitched image):",
+                  f"{'row':<14} {'held-out':>8}  {head}"]
+        lines += [f"{n:<14} {_fmt(mean(n, 'psnr')):>8}  "
+                  + "  ".join(f"{_fmt(set_mean(n, 2, zs_set, z)):>7}" for z in sizes) for n in names]
     return lines
 
 

@@ -132,6 +132,9 @@ def test_zero_shot_sizes_and_square_crop():
     photo[:, 10:30] = 200  # the centre square; the sides are cut off
     assert (bench.square(photo, 20) == 200).all()
     assert (bench.square(photo.transpose(1, 0, 2), 20) == 200).all()
+    x = np.arange(2 * 8 * 8 * 3).astype(np.uint8).reshape(2, 8, 8, 3)
+    t = bench.tiles(x, 4)  # row-major tiles of each image in turn
+    assert t.shape == (8, 4, 4, 3) and (t[1] == x[0, :4, 4:]).all() and (t[6] == x[1, 4:, :4]).all()
     sets = bench.zero_shot_images({"a": photo, "b": photo[:, ::-1]}, [8, 16])
     assert {s: x.shape for s, x in sets.items()} == {8: (2, 8, 8, 3), 16: (2, 16, 16, 3)}
 
@@ -187,6 +190,8 @@ def test_zero_shot_other_domain_and_quant_error_in_results(tmp_path, capsys):
         assert list(r["zero_shot"]) == ["16", "32", "64", "128"] and r["zero_shot_set"] == "imagenet20"
         assert r["zero_shot"] == r["zero_shot_sets"]["imagenet20"] != r["zero_shot_sets"]["skimage9"]
         assert all(math.isfinite(v) and 3 < v < 60 for zs in r["zero_shot_sets"].values() for v in zs.values())
+        tiled = r["zero_shot_tiled_sets"]["skimage9"]  # at 1x one tile is the image; larger sizes differ
+        assert tiled["16"] == r["zero_shot_sets"]["skimage9"]["16"] and tiled["128"] != r["zero_shot_sets"]["skimage9"]["128"]
         assert r["other_domain"]["name"] == "fashion-mnist"
         if fmnist:
             assert 3 < r["other_domain"]["psnr"] < 60 and r["other_domain"]["note"].startswith("8 test images")
@@ -211,7 +216,8 @@ def test_zero_shot_other_domain_and_quant_error_in_results(tmp_path, capsys):
     assert config("single").downsample == 16
     out = capsys.readouterr().out
     assert "zs 16    zs 32    zs 64   zs 128  f-mnist   quant error:" in out
-    assert out.index("zero-shot set imagenet20") < out.index("zero-shot set skimage9")
+    assert out.index("zero-shot set imagenet20") < out.index("zero-shot set skimage9") < out.index(
+        "zero-shot set imagenet20 coded in independent 16 px tiles")
     cells = next(ln for ln in out.split("quant error = ")[1].splitlines() if ln.startswith("g4 ")).split()
     assert len(cells) == 13 and float(cells[2]) == pytest.approx(res["g4"]["zero_shot"]["16"], abs=0.006)
     assert float(cells[8]) == pytest.approx(res["g4"]["quant_error"]["zero_shot"]["16"], abs=6e-5)
@@ -220,7 +226,7 @@ def test_zero_shot_other_domain_and_quant_error_in_results(tmp_path, capsys):
            if k not in ("zero_shot", "zero_shot_set", "zero_shot_sets", "other_domain", "quant_error")}
     (tmp_path / "old.json").write_text(json.dumps({**run, "results": {"0": {"ae": old}}}))
     assert bench.main(["--from-results", str(tmp_path / "old.json"), "--rows", "ae"]) == 0
-    last = capsys.readouterr().out.strip().splitlines()[-1].split()
+    last = capsys.readouterr().out.split("zero-shot set skimage9:")[1].splitlines()[2].split()
     assert last[0] == "ae" and last[2:] == ["-"] * 11
 
 
@@ -250,6 +256,7 @@ def test_explanation_rows_data_reuse_and_sets_a_row_trains_on(tmp_path, capsys):
     res = json.loads((tmp_path / "results.json").read_text())["results"]["0"]
     d = res["g8-diverse"]
     assert d["zero_shot_sets"]["skimage9"] is None and d["quant_error"]["zero_shot_sets"]["skimage9"] is None
+    assert d["zero_shot_tiled_sets"]["skimage9"] is None and d["zero_shot_tiled_sets"]["imagenet20"]
     assert d["zero_shot_set"] == "imagenet20" and not any(k.startswith("skimage9/") for k in d["quant_error"]["by_group"])
     cfg = json.loads((tmp_path / "seed0" / "g8-crop2x" / "final" / "config.json").read_text())
     assert cfg["image_size"] == 32 and not res["g8-crop2x"]["reused"]
